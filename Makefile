@@ -1,0 +1,35 @@
+# Quickstart: `make demo` and `make test`. Both install what is missing first.
+PYTHON ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell cat setup.py constraints.txt | cksum | cut -d' ' -f1)
+WORKDIR ?= workdirs/siglip_shapes
+export TF_CPP_MIN_LOG_LEVEL ?= 2
+
+.PHONY: demo test test-all install clean-demo
+
+$(PY):
+	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "Python 3.11 is needed: set PYTHON=/path/to/python3.11"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): $(PY) setup.py constraints.txt
+	$(PY) -m pip install --quiet --upgrade pip
+	# torch 2.13.0 is pinned: an unpinned torch would pull several GB of CUDA wheels.
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[test]"
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+# Trains SigLIP on the embedded shapes data (about 10 minutes on 2 CPU cores), then prints
+# held-out zero-shot accuracy and retrieval recall. Re-running resumes; `make clean-demo` restarts.
+demo: $(STAMP)
+	$(PY) -m vlpjax.train --config experiments/siglip_shapes.py --workdir $(WORKDIR)
+
+clean-demo:
+	rm -rf $(WORKDIR)
+
+test: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+test-all: $(STAMP)
+	$(PY) -m pytest -q

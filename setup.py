@@ -1,0 +1,34 @@
+"""vlpjax: vision-language pretraining in JAX/Flax."""
+import setuptools
+
+setuptools.setup(
+    name="vlpjax",
+    version="0.1.0",
+    description="Vision-language pretraining in JAX/Flax: SigLIP/CLIP, CoCa, prefix-LM VLMs, "
+                "video and document models on seqio mixtures.",
+    python_requires=">=3.11",
+    packages=setuptools.find_packages(include=["vlpjax", "vlpjax.*", "data_mixtures",
+                                               "data_mixtures.*", "tools", "tools.*"]),
+    package_data={"vlpjax": ["data/assets/*"]},
+    install_requires=[
+        "jax>=0.10,<0.11",
+        "flax>=0.12,<0.13",
+        "optax>=0.2.8",
+        "orbax-checkpoint>=0.12,<0.13",
+        "clu>=0.0.12",
+        "ml-collections>=1.1",
+        "seqio>=0.0.20",
+        "tensorflow>=2.21,<2.22",
+        "tensorflow-text>=2.21,<2.22",
+        "tensorflow-datasets>=4.9.10",
+        "tensorboard",
+        "sentencepiece>=0.2",
+        "numpy>=2",
+        "pillow",
+    ],
+    extras_require={
+        "test": ["pytest", "torch==2.13.0", "transformers"],
+        # Ahead-of-time compilation for TPU topologies on a CPU-only machine.
+        "tpu": ["libtpu"],
+    },
+)

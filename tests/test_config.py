@@ -1,0 +1,85 @@
+"""Config loading, overrides and validation: typos fail early and name the nearest keys."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from vlpjax import config as config_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO = os.path.join(REPO, "experiments", "siglip_shapes.py")
+
+
+def test_demo_config_loads_with_arg_and_overrides():
+  config = config_lib.finalize(config_lib.load(DEMO + ":steps=7,batch=16"),
+                               ["optim.lr=0.5", "checkpoint.every_steps=3"])
+  assert config.total_steps == 7
+  assert config.global_batch_size == 16
+  assert config.optim.lr == 0.5
+  assert config.checkpoint.every_steps == 3
+  # Defaults the experiment file did not set are filled in.
+  assert config.grad_accum_steps == 1
+
+
+def test_override_typo_names_the_nearest_key():
+  config = config_lib.load(DEMO)
+  with pytest.raises(config_lib.ConfigError, match=r"optim\.lrr.*did you mean 'optim\.lr'"):
+    config_lib.finalize(config, ["optim.lrr=0.1"])
+  with pytest.raises(config_lib.ConfigError, match=r"totl_steps.*did you mean 'total_steps'"):
+    config_lib.finalize(config, ["totl_steps=5"])
+
+
+def test_typo_inside_a_config_file_fails():
+  config = config_lib.load(DEMO)
+  config.schedule.warmup_stpes = 5
+  with pytest.raises(config_lib.ConfigError, match=r"schedule\.warmup_stpes.*warmup_steps"):
+    config_lib.finalize(config)
+
+
+def test_wrong_type_and_missing_required_keys():
+  config = config_lib.load(DEMO)
+  with pytest.raises(config_lib.ConfigError, match="expected a int"):
+    config_lib.finalize(config, ["total_steps=many"])
+  del config["total_steps"]
+  with pytest.raises(config_lib.ConfigError, match="missing required keys: total_steps"):
+    config_lib.finalize(config)
+
+
+def test_config_arg_typo():
+  with pytest.raises(config_lib.ConfigError, match=r"'stesp'.*did you mean 'steps'"):
+    config_lib.load(DEMO + ":stesp=3")
+
+
+def test_grad_accum_must_divide_batch():
+  with pytest.raises(config_lib.ConfigError, match="not divisible by grad_accum_steps=3"):
+    config_lib.finalize(config_lib.load(DEMO + ":batch=16"), ["grad_accum_steps=3"])
+
+
+def test_cli_reports_typo_before_any_work(tmp_path):
+  workdir = tmp_path / "w"
+  proc = subprocess.run(
+      [sys.executable, "-m", "vlpjax.train", "--config", DEMO, "--workdir", str(workdir),
+       "--config.optim.weight_decy=0.1"], cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 2
+  assert "optim.weight_decy" in proc.stderr and "optim.weight_decay" in proc.stderr
+  assert not workdir.exists()  # nothing was started
+
+
+def test_cli_help_explains_configs_workdir_resume_and_rules():
+  proc = subprocess.run([sys.executable, "-m", "vlpjax.train", "--help"], cwd=REPO,
+                        capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0
+  for needle in ("--config", "--workdir", "resume", "sharding_rules", "mesh"):
+    assert needle in proc.stdout
+
+
+def test_saved_config_json_round_trips(tmp_path):
+  config = config_lib.finalize(config_lib.load(DEMO))
+  path = str(tmp_path / "config.json")
+  config_lib.save_json(config, path)
+  with open(path) as f:
+    saved = json.load(f)
+  assert saved["total_steps"] == config.total_steps
+  assert saved["model"]["image"]["patch_size"] == config.model.image.patch_size

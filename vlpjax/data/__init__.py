@@ -1,0 +1,1 @@
+"""Input data: embedded generators, vocabulary, seqio preprocessors, pipeline."""

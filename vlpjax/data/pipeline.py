@@ -1,0 +1,223 @@
+"""The one place that builds batches: seqio task/mixture + pp string -> numpy.
+
+Data config fields (an ml_collections.ConfigDict or anything with `.get`):
+  task            seqio Task or Mixture name
+  split           split name, e.g. "train" / "validation"
+  pp              pp op string, see vlpjax.data.preprocessors (may be "")
+  text_length     `texts` is truncated / padded with 0 to this length
+  shuffle_buffer  examples in the shuffle buffer (tasks; a Mixture's tasks use
+                  their own `shuffle_buffer_size`, since seqio does not take one)
+  keys            optional; features to keep (default: image, texts)
+
+Task names are looked up after `import data_mixtures`, done here on a miss, so
+the embedded tasks always resolve; tasks of other modules must be registered
+(the trainer imports `config.data_modules`) before the first call.
+
+Determinism and resumption: with a fixed seed the stream of examples is fixed
+(seqio shuffles with the seed, tf.data keeps order), and each example's pp seed is
+derived from the run seed and its position in the stream, not from any state. So
+`train_batches(..., start_position=k)` skips k local batches of examples and then
+yields exactly what an uninterrupted iterator yields from its k-th batch on. The
+skip is not free: the skipped examples still go through the task's preprocessors
+(decoding included; pp ops are skipped), so resuming at step k costs about
+k * local_batch decodes, a few seconds per million small images. Resumption is
+exact for the same seed, batch size and process count.
+"""
+import importlib
+import math
+from typing import Dict, Iterator, List, Optional, Sequence
+
+import numpy as np
+import seqio
+import tensorflow as tf
+
+from vlpjax.data import preprocessors
+from vlpjax.registry import unknown_name_message
+
+# TF is only the input pipeline here; if it saw the GPUs it would reserve their
+# memory that JAX needs. Fails harmlessly if TF already initialized its devices.
+try:
+  tf.config.set_visible_devices([], "GPU")
+except RuntimeError:
+  pass
+
+DEFAULT_KEYS = ("image", "texts")
+# Distinguishes pp seeds from the shuffle seed drawn from the same run seed.
+_PP_SALT = 0x5EED
+_EVAL_SEED = 0
+_counts_cache: Dict[tuple, List[int]] = {}
+
+
+def get_provider(name: str):
+  """The seqio Task or Mixture `name`; unknown names list the nearest ones."""
+  names = set(seqio.TaskRegistry.names()) | set(seqio.MixtureRegistry.names())
+  if name not in names:
+    importlib.import_module("data_mixtures")
+    names = set(seqio.TaskRegistry.names()) | set(seqio.MixtureRegistry.names())
+  if name not in names:
+    raise ValueError(unknown_name_message("seqio task or mixture", name, names) +
+                     " Is the module that registers it in the config's data_modules?")
+  return seqio.get_mixture_or_task(name)
+
+
+def _local_batch_size(global_batch_size: int, process_count: int) -> int:
+  if global_batch_size % process_count:
+    raise ValueError(f"global_batch_size {global_batch_size} is not divisible by "
+                     f"the {process_count} processes.")
+  return global_batch_size // process_count
+
+
+def _task_dataset(data_config, *, shuffle: bool, seed: int, num_epochs: Optional[int],
+                  process_index: int, process_count: int) -> tf.data.Dataset:
+  provider = get_provider(data_config.task)
+  kwargs = dict(
+      sequence_length={"texts": data_config.text_length}, split=data_config.split,
+      shuffle=shuffle, seed=seed, num_epochs=num_epochs,
+      shard_info=(seqio.ShardInfo(process_index, process_count)
+                  if process_count > 1 else None))
+  if shuffle and isinstance(provider, seqio.Task):
+    kwargs["shuffle_buffer_size"] = data_config.shuffle_buffer
+  return provider.get_dataset(**kwargs)
+
+
+def _select(features: Dict[str, tf.Tensor], keys: Sequence[str], text_length: int):
+  """Keeps `keys` with the output dtypes and a fixed `texts` length."""
+  missing = [k for k in keys if k not in features]
+  if missing:
+    raise ValueError(f"data keys {missing} are not in the examples; "
+                     f"available: {sorted(features)}.")
+  out = {}
+  for k in keys:
+    v = features[k]
+    if k == "texts":
+      v = tf.cast(preprocessors.pad_to_length(v, text_length), tf.int32)
+    elif k == "image":
+      v = tf.cast(v, tf.float32)
+    elif k == "label":
+      v = tf.cast(v, tf.int32)
+    out[k] = v
+  return out
+
+
+def _deterministic(ds: tf.data.Dataset) -> tf.data.Dataset:
+  options = tf.data.Options()
+  options.deterministic = True
+  return ds.with_options(options)
+
+
+def train_dataset(data_config, *, global_batch_size: int, seed: int,
+                  start_position: int = 0, process_index: int = 0,
+                  process_count: int = 1) -> tf.data.Dataset:
+  """The dataset behind `train_batches` (for inspection tools)."""
+  local_batch = _local_batch_size(global_batch_size, process_count)
+  chain = preprocessors.parse_pp(data_config.pp)  # Fail on typos before any work.
+  keys = tuple(data_config.get("keys", None) or DEFAULT_KEYS)
+  ds = _task_dataset(data_config, shuffle=True, seed=seed, num_epochs=None,
+                     process_index=process_index, process_count=process_count)
+  base_seed = tf.constant([seed, _PP_SALT], tf.int64)
+
+  def pp(position, features):
+    # Global index: unique across processes, the same on every restart.
+    index = position * process_count + process_index
+    example_seed = tf.random.experimental.stateless_fold_in(base_seed, index)
+    return _select(chain(features, example_seed), keys, data_config.text_length)
+
+  ds = ds.enumerate().skip(start_position * local_batch)
+  ds = ds.map(pp, num_parallel_calls=tf.data.AUTOTUNE)
+  ds = ds.batch(local_batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+  return _deterministic(ds)
+
+
+def train_batches(data_config, *, global_batch_size: int, seed: int,
+                  start_position: int = 0, process_index: int = 0,
+                  process_count: int = 1) -> Iterator[Dict[str, np.ndarray]]:
+  """Endless local batches (global_batch_size // process_count examples each).
+
+  `start_position` is the number of batches already consumed (saved with the
+  checkpoint); see the module docstring for how resumption stays exact.
+  Yields {"image": float32 [b, H, W, 3], "texts": int32 [b, text_length], ...}.
+  """
+  return train_dataset(
+      data_config, global_batch_size=global_batch_size, seed=seed,
+      start_position=start_position, process_index=process_index,
+      process_count=process_count).as_numpy_iterator()
+
+
+def _count(ds: tf.data.Dataset) -> int:
+  count = int(ds.cardinality())
+  if count >= 0:
+    return count
+  return int(ds.reduce(np.int64(0), lambda n, _: n + 1))
+
+
+def count_examples(data_config, process_count: int = 1) -> List[int]:
+  """Examples of `data_config.split` in each process's shard, after the task.
+
+  Free when the source knows its size (in-memory data, or cardinality kept by
+  seqio); otherwise one pass over the split, cached per process.
+  """
+  # Keyed by the provider object too, so a re-registered task is counted anew.
+  key = (data_config.task, id(get_provider(data_config.task)), data_config.split,
+         process_count)
+  if key not in _counts_cache:
+    _counts_cache[key] = [
+        _count(_task_dataset(data_config, shuffle=False, seed=_EVAL_SEED, num_epochs=1,
+                             process_index=i, process_count=process_count))
+        for i in range(process_count)]
+  return list(_counts_cache[key])
+
+
+def _padding(element_spec: Dict[str, tf.TensorSpec]) -> tf.data.Dataset:
+  """An endless dataset of all-zero examples with mask False."""
+  not_fixed = [k for k, s in element_spec.items() if not s.shape.is_fully_defined()]
+  if not_fixed:
+    raise ValueError(f"eval features {not_fixed} have no fixed shape "
+                     f"({ {k: element_spec[k].shape for k in not_fixed} }); "
+                     "add e.g. resize(...) to the pp string.")
+  zeros = {k: (tf.fill(s.shape, "") if s.dtype == tf.string else tf.zeros(s.shape, s.dtype))
+           for k, s in element_spec.items()}
+  zeros["mask"] = tf.constant(False)
+  return tf.data.Dataset.from_tensors(zeros).repeat()
+
+
+def eval_dataset(data_config, *, global_batch_size: int, process_index: int = 0,
+                 process_count: int = 1) -> tf.data.Dataset:
+  """The dataset behind `eval_batches` (for inspection tools)."""
+  local_batch = _local_batch_size(global_batch_size, process_count)
+  chain = preprocessors.parse_pp(data_config.pp)
+  if chain.random_ops:
+    raise ValueError(f"eval pp {data_config.pp!r} has random ops {chain.random_ops}; "
+                     "use deterministic ones (e.g. resize, central_crop).")
+  # Every process must run the same number of steps, or the global arrays of
+  # the last steps would wait for a process that has stopped.
+  counts = count_examples(data_config, process_count)
+  num_batches = math.ceil(max(counts) / local_batch)
+  ds = _task_dataset(data_config, shuffle=False, seed=_EVAL_SEED, num_epochs=1,
+                     process_index=process_index, process_count=process_count)
+  keys = list(data_config.get("keys", None) or DEFAULT_KEYS)
+  if "label" in ds.element_spec and "label" not in keys:
+    keys.append("label")
+  seed = tf.constant([_EVAL_SEED, _PP_SALT], tf.int64)  # Unused by deterministic ops.
+
+  def pp(features):
+    out = _select(chain(features, seed), keys, data_config.text_length)
+    out["mask"] = tf.constant(True)
+    return out
+
+  ds = ds.map(pp, num_parallel_calls=tf.data.AUTOTUNE)
+  ds = ds.concatenate(_padding({k: v for k, v in ds.element_spec.items() if k != "mask"}))
+  ds = ds.take(num_batches * local_batch).batch(local_batch, drop_remainder=True)
+  return _deterministic(ds.prefetch(tf.data.AUTOTUNE))
+
+
+def eval_batches(data_config, *, global_batch_size: int, process_index: int = 0,
+                 process_count: int = 1) -> Iterator[Dict[str, np.ndarray]]:
+  """One pass over the split in order, as full local batches.
+
+  The last batches are padded with zero examples; `mask` (bool [b]) is True for
+  real ones, so metrics must weight by it. Every process yields the same
+  number of batches. `label` (int32) is kept when the task provides it.
+  """
+  return eval_dataset(data_config, global_batch_size=global_batch_size,
+                      process_index=process_index,
+                      process_count=process_count).as_numpy_iterator()

@@ -1,0 +1,284 @@
+"""Preprocessing for the image-caption data kind.
+
+Two layers, on purpose:
+  * seqio preprocessors (`decode_image`, `choose_caption`, `tokenize_caption`) turn
+    raw records into model features inside a seqio Task; they are the same for
+    every run that uses the task.
+  * pp ops (`PP_OPS`, big_vision style) are chosen per run in the config as a
+    string such as "random_resized_crop(64, scale=(0.5, 1.0))|flip_lr|value_range(-1, 1)"
+    and applied by the pipeline after the task. Each op is called as
+    `op(features, seed)`; random ops draw only from `seed` (stateless), which the
+    pipeline derives from the run seed and the example's position in the stream.
+"""
+import ast
+import io
+from typing import Any, Callable, Dict, List, Sequence, Tuple
+
+import numpy as np
+from PIL import Image
+import seqio
+import tensorflow as tf
+
+from vlpjax.registry import Registry
+
+Features = Dict[str, Any]
+Op = Callable[[Features, tf.Tensor], Features]
+
+# --------------------------------------------------------------------------------
+# seqio preprocessors
+# --------------------------------------------------------------------------------
+
+
+def _pil_decode(data: bytes, record_id: bytes) -> np.ndarray:
+  try:
+    with Image.open(io.BytesIO(data)) as image:
+      return np.asarray(image.convert("RGB"), dtype=np.uint8)
+  except Exception as e:  # pylint: disable=broad-except  (re-raised with the id)
+    name = record_id.decode("utf-8", "replace") or "<no id>"
+    raise ValueError(f"record {name!r}: cannot decode image: {e}") from e
+
+
+def decode_image(ds: tf.data.Dataset, key: str = "image",
+                 id_key: str = "id") -> tf.data.Dataset:
+  """Encoded image bytes (JPEG, PNG, ...) -> uint8 [H, W, 3].
+
+  Decodes with PIL inside `tf.numpy_function` rather than `tf.io.decode_image` so
+  a corrupt record fails with its id in the message (TF's own decoder only says
+  "Invalid JPEG data"), which is what a user needs to find it in a large
+  dataset. PIL releases the GIL while decoding, so parallel maps still help.
+  """
+
+  def fn(features):
+    record_id = features.get(id_key, tf.constant(""))
+    image = tf.numpy_function(_pil_decode, [features[key], record_id], tf.uint8,
+                              stateful=False)
+    image.set_shape([None, None, 3])
+    return {**features, key: image}
+
+  return ds.map(fn, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+@seqio.map_over_dataset(num_seeds=1)
+def choose_caption(features: Features, seed: tf.Tensor,
+                   key: str = "caption") -> Features:
+  """Picks one of several captions (a rank-1 / ragged / sparse string feature).
+
+  Uses seqio's per-example stateless seed, so the choice is fixed by the seed the
+  task is built with and differs between epochs. A record without captions gets
+  the empty caption instead of failing.
+  """
+  captions = features[key]
+  if isinstance(captions, tf.SparseTensor):
+    captions = tf.sparse.to_dense(captions, default_value="")
+  elif isinstance(captions, tf.RaggedTensor):
+    captions = captions.to_tensor(default_value="")
+  if captions.shape.rank == 0:
+    return features
+  count = tf.shape(captions)[0]
+  index = tf.random.stateless_uniform([], seed, minval=0, maxval=tf.maximum(count, 1),
+                                      dtype=tf.int32)
+  padded = tf.concat([captions, [""]], axis=0)
+  return {**features, key: padded[tf.minimum(index, count)]}
+
+
+def tokenize_caption(ds: tf.data.Dataset, output_features: Dict[str, seqio.Feature],
+                     key: str = "caption", out_key: str = "texts") -> tf.data.Dataset:
+  """`out_key` = token ids of the string `key`, with the vocabulary of `out_key`.
+
+  seqio's own `tokenize` would run every output feature through its vocabulary
+  and copy each to `*_pretokenized`, images included; this touches only text.
+  The caption string is kept for evaluators and debugging.
+  """
+  feature = output_features[out_key]
+
+  def fn(features):
+    tokens = feature.vocabulary.encode_tf(features[key])
+    if feature.add_eos:
+      tokens = tf.concat([tokens, [feature.vocabulary.eos_id]], axis=0)
+    return {**features, out_key: tf.cast(tokens, feature.dtype)}
+
+  return ds.map(fn, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+# --------------------------------------------------------------------------------
+# pp ops: per-run preprocessing chosen by a config string
+# --------------------------------------------------------------------------------
+
+PP_OPS = Registry("preprocessing op")
+
+
+def _register(name: str, random: bool = False):
+  """Registers an op factory; `random` ops may not be used for evaluation."""
+
+  def decorator(factory):
+    factory.is_random = random
+    return PP_OPS.register(name)(factory)
+
+  return decorator
+
+
+def _hw(size) -> Tuple[int, int]:
+  return (size, size) if isinstance(size, int) else tuple(size)
+
+
+def _resize(image: tf.Tensor, hw, method: str, antialias: bool) -> tf.Tensor:
+  out = tf.image.resize(image, hw, method=method, antialias=antialias)
+  if image.dtype.is_integer:  # Keep uint8 so a later value_range sees 0..255.
+    out = tf.clip_by_value(tf.round(out), image.dtype.min, image.dtype.max)
+  return tf.cast(out, image.dtype)
+
+
+@_register("resize")
+def resize(size, key: str = "image", method: str = "bilinear",
+           antialias: bool = True) -> Op:
+  """Resizes to `size` (int or (h, w)), ignoring the aspect ratio."""
+  hw = _hw(size)
+
+  def op(features, seed):
+    del seed
+    return {**features, key: _resize(features[key], hw, method, antialias)}
+
+  return op
+
+
+@_register("central_crop")
+def central_crop(size, key: str = "image") -> Op:
+  """The centre `size` (int or (h, w)) crop; the image must be at least that big."""
+  h, w = _hw(size)
+
+  def op(features, seed):
+    del seed
+    image = features[key]
+    shape = tf.shape(image)
+    top, left = (shape[0] - h) // 2, (shape[1] - w) // 2
+    return {**features, key: tf.image.crop_to_bounding_box(image, top, left, h, w)}
+
+  return op
+
+
+@_register("random_resized_crop", random=True)
+def random_resized_crop(size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), key: str = "image",
+                        method: str = "bilinear", antialias: bool = True) -> Op:
+  """Inception crop: a random box of `scale` area and `ratio` aspect, resized."""
+  hw = _hw(size)
+
+  def op(features, seed):
+    image = features[key]
+    begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
+        tf.shape(image), bounding_boxes=tf.zeros([0, 0, 4], tf.float32), seed=seed,
+        min_object_covered=0.0, aspect_ratio_range=tuple(ratio), area_range=tuple(scale),
+        use_image_if_no_bounding_boxes=True)
+    crop = tf.slice(image, begin, crop_size)
+    crop.set_shape([None, None, image.shape[-1]])  # slice forgets the channels.
+    return {**features, key: _resize(crop, hw, method, antialias)}
+
+  return op
+
+
+@_register("flip_lr", random=True)
+def flip_lr(key: str = "image") -> Op:
+  """Mirrors the image left-right with probability 1/2."""
+
+  def op(features, seed):
+    return {**features, key: tf.image.stateless_random_flip_left_right(features[key], seed)}
+
+  return op
+
+
+@_register("value_range")
+def value_range(lo: float = -1.0, hi: float = 1.0, in_min: float = 0.0,
+                in_max: float = 255.0, key: str = "image") -> Op:
+  """Maps [in_min, in_max] (uint8 pixels by default) linearly to float32 [lo, hi]."""
+
+  def op(features, seed):
+    del seed
+    x = (tf.cast(features[key], tf.float32) - in_min) / (in_max - in_min)
+    return {**features, key: lo + x * (hi - lo)}
+
+  return op
+
+
+def pad_to_length(tokens: tf.Tensor, length: int, pad_value: int = 0) -> tf.Tensor:
+  tokens = tokens[:length]
+  tokens = tf.pad(tokens, [[0, length - tf.shape(tokens)[0]]], constant_values=pad_value)
+  return tf.ensure_shape(tokens, [length])
+
+
+@_register("pad_tokens")
+def pad_tokens(length: int, key: str = "texts", pad_value: int = 0) -> Op:
+  """Truncates or pads (with `pad_value`, seqio's pad id 0) a 1-D feature to `length`."""
+
+  def op(features, seed):
+    del seed
+    return {**features, key: pad_to_length(features[key], length, pad_value)}
+
+  return op
+
+
+class PPChain:
+  """A parsed pp string: applies its ops in order, each with its own seed."""
+
+  def __init__(self, spec: str, ops: Sequence[Tuple[str, Op, bool]]):
+    self.spec = spec
+    self.ops = list(ops)
+
+  @property
+  def random_ops(self) -> List[str]:
+    return [name for name, _, random in self.ops if random]
+
+  def __call__(self, features: Features, seed: tf.Tensor) -> Features:
+    seed = tf.cast(seed, tf.int64)
+    for i, (_, op, _) in enumerate(self.ops):
+      # Folding in the op's position keeps two random ops from sharing a draw.
+      features = op(features, tf.random.experimental.stateless_fold_in(
+          seed, tf.constant(i, tf.int64)))
+    return features
+
+  def __repr__(self):
+    return f"PPChain({self.spec!r})"
+
+
+def _flatten_or(node: ast.AST) -> List[ast.AST]:
+  if isinstance(node, ast.BinOp) and isinstance(node.op, ast.BitOr):
+    return _flatten_or(node.left) + _flatten_or(node.right)
+  return [node]
+
+
+def _literal(node: ast.AST, spec: str):
+  try:
+    return ast.literal_eval(node)
+  except ValueError:
+    raise ValueError(f"pp {spec!r}: arguments must be Python literals, "
+                     f"got {ast.unparse(node)!r}.") from None
+
+
+def parse_pp(spec: str) -> PPChain:
+  """Parses "op1(args)|op2|..." into a `PPChain`; an empty string is the identity.
+
+  The string is parsed as a Python expression (so "|" inside a quoted argument is
+  fine) but never evaluated: only op names and literal arguments are accepted.
+  """
+  spec = spec.strip()
+  if not spec:
+    return PPChain(spec, [])
+  try:
+    tree = ast.parse(spec, mode="eval").body
+  except SyntaxError as e:
+    raise ValueError(f"pp {spec!r} is not of the form 'op(args)|op|...': {e.msg}") from None
+  ops = []
+  for node in _flatten_or(tree):
+    if isinstance(node, ast.Name):
+      name, args, kwargs = node.id, [], {}
+    elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+      name = node.func.id
+      args = [_literal(a, spec) for a in node.args]
+      kwargs = {k.arg: _literal(k.value, spec) for k in node.keywords}
+    else:
+      raise ValueError(f"pp {spec!r}: {ast.unparse(node)!r} is not 'op' or 'op(args)'.")
+    factory = PP_OPS.get(name)  # Unknown names fail with the nearest ones.
+    try:
+      op = factory(*args, **kwargs)
+    except TypeError as e:
+      raise ValueError(f"pp op {ast.unparse(node)!r}: {e}") from None
+    ops.append((name, op, factory.is_random))
+  return PPChain(spec, ops)

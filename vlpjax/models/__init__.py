@@ -1,0 +1,15 @@
+"""Model registry: configs name a model family by string."""
+from vlpjax.models.text import TextEncoder
+from vlpjax.models.two_tower import TwoTower
+from vlpjax.models.vit import ViT
+from vlpjax.registry import Registry
+
+MODELS = Registry("model")
+MODELS.register("two_tower")(TwoTower)
+MODELS.register("vit")(ViT)
+MODELS.register("text")(TextEncoder)
+
+
+def get_model(name: str):
+  """The model class registered as `name` (error lists the nearest names)."""
+  return MODELS.get(name)

@@ -1,0 +1,280 @@
+"""Transformer building blocks shared by the vision and text towers.
+
+Every parameter carries logical axis names (see `with_logical_partitioning`) and
+activations are constrained with logical names at block boundaries; the sharding
+module maps these names to mesh axes, so nothing here mentions a mesh.
+
+Submodule and parameter names follow Hugging Face SigLIP (`self_attn.q_proj`,
+`mlp.fc1`, `layer_norm1`, ...) so checkpoint conversion is a renaming plus the
+kernel transposes, not a restructuring.
+"""
+from typing import Any, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from vlpjax.registry import unknown_name_message
+
+Dtype = Any
+Array = jax.Array
+
+LAYER_NORM_EPS = 1e-6  # SigLIP / big_vision value; HF SiglipConfig.layer_norm_eps.
+
+# Activation logical names. A name the rules do not mention is left unsharded.
+ACT_TOKENS = ("act_batch", "act_length", "act_embed")
+ACT_HEADS = ("act_batch", "act_length", "act_heads", "act_kv")
+ACT_MLP = ("act_batch", "act_length", "act_mlp")
+
+_KERNEL_INIT = nn.initializers.xavier_uniform()
+_BIAS_INIT = nn.initializers.zeros_init()
+
+
+def partitioned(init, names):
+  """`init` whose parameters carry the logical axis `names` (one per dim)."""
+  return nn.with_logical_partitioning(init, names)
+
+
+def constrain(x: Array, names) -> Array:
+  """Logical sharding constraint on an activation (a no-op without rules)."""
+  return nn.with_logical_constraint(x, names)
+
+
+def layer_norm(name: str, param_dtype: Dtype) -> nn.LayerNorm:
+  # Normalisation statistics in f32 even under bf16 compute: bf16 variance loses
+  # too many digits on wide models.
+  return nn.LayerNorm(
+      epsilon=LAYER_NORM_EPS, dtype=jnp.float32, param_dtype=param_dtype,
+      scale_init=partitioned(nn.initializers.ones_init(), ("embed",)),
+      bias_init=partitioned(nn.initializers.zeros_init(), ("embed",)),
+      name=name)
+
+
+class MlpBlock(nn.Module):
+  """fc1 -> gelu (tanh approximation, HF `gelu_pytorch_tanh`) -> fc2."""
+  mlp_dim: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    width = x.shape[-1]
+    h = nn.Dense(
+        self.mlp_dim, dtype=self.dtype, param_dtype=self.param_dtype,
+        kernel_init=partitioned(_KERNEL_INIT, ("embed", "mlp")),
+        bias_init=partitioned(_BIAS_INIT, ("mlp",)), name="fc1")(x)
+    h = nn.gelu(h, approximate=True)
+    h = constrain(h, ACT_MLP)
+    return nn.Dense(
+        width, dtype=self.dtype, param_dtype=self.param_dtype,
+        kernel_init=partitioned(_KERNEL_INIT, ("mlp", "embed")),
+        bias_init=partitioned(_BIAS_INIT, ("embed",)), name="fc2")(h)
+
+
+class DenseGeneral(nn.Module):
+  """x [..., *in] -> [..., *features]: contracts x's last `num_contract` dims.
+
+  Flax's own DenseGeneral initialises a flattened 2-D kernel and reshapes it,
+  which breaks `with_logical_partitioning` names for >2-D kernels as soon as a
+  mesh is set; this one creates the kernel in its final shape.
+  """
+  features: Tuple[int, ...]
+  kernel_axes: Tuple[Optional[str], ...]
+  bias_axes: Tuple[Optional[str], ...]
+  num_contract: int = 1
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    n_in, n_out = self.num_contract, len(self.features)
+    kernel_shape = tuple(x.shape[-n_in:]) + tuple(self.features)
+    # Fans over the grouped dims: the same scale as the equivalent 2-D Dense.
+    init = nn.initializers.xavier_uniform(
+        in_axis=tuple(range(n_in)), out_axis=tuple(range(n_in, n_in + n_out)))
+    kernel = self.param("kernel", partitioned(init, self.kernel_axes),
+                        kernel_shape, self.param_dtype)
+    bias = self.param("bias", partitioned(_BIAS_INIT, self.bias_axes),
+                      tuple(self.features), self.param_dtype)
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    contract_x = tuple(range(x.ndim - n_in, x.ndim))
+    y = jax.lax.dot_general(x, kernel, ((contract_x, tuple(range(n_in))), ((), ())))
+    return y + bias
+
+
+class MultiHeadAttention(nn.Module):
+  """Multi-head dot-product attention with separate q/k/v/out projections.
+
+  Kernels: q/k/v `(embed, heads, kv)`, out `(heads, kv, embed)`; an HF
+  `Linear(E, E)` weight `W` maps to `W.T.reshape(E, heads, kv)` (q/k/v) and
+  `W.T.reshape(heads, kv, E)` (out). Softmax runs in f32.
+  """
+  num_heads: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  def _project_in(self, x: Array, head_dim: int, name: str) -> Array:
+    return DenseGeneral(
+        (self.num_heads, head_dim), ("embed", "heads", "kv"), ("heads", "kv"),
+        num_contract=1, dtype=self.dtype, param_dtype=self.param_dtype,
+        name=name)(x)
+
+  @nn.compact
+  def __call__(self, inputs_q: Array, inputs_kv: Optional[Array] = None,
+               mask: Optional[Array] = None) -> Array:
+    """Attends from `inputs_q` [B, Lq, D] over `inputs_kv` [B, Lk, D].
+
+    Args:
+      inputs_q: queries' inputs.
+      inputs_kv: keys' and values' inputs; `inputs_q` (self-attention) if None.
+      mask: boolean, broadcastable to [B, heads, Lq, Lk]; True = may attend.
+
+    Returns:
+      [B, Lq, D] in `dtype`.
+    """
+    if inputs_kv is None:
+      inputs_kv = inputs_q
+    width = inputs_q.shape[-1]
+    if width % self.num_heads:
+      raise ValueError(f"Width {width} is not divisible by {self.num_heads} heads.")
+    head_dim = width // self.num_heads
+
+    q = constrain(self._project_in(inputs_q, head_dim, "q_proj"), ACT_HEADS)
+    k = constrain(self._project_in(inputs_kv, head_dim, "k_proj"), ACT_HEADS)
+    v = constrain(self._project_in(inputs_kv, head_dim, "v_proj"), ACT_HEADS)
+
+    # f32 accumulation and softmax: bf16 logits lose the small differences
+    # that decide where attention goes.
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k,
+                        preferred_element_type=jnp.float32)
+    logits = logits * (head_dim ** -0.5)
+    if mask is not None:
+      logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+    attended = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+    attended = constrain(attended, ACT_HEADS)
+
+    return DenseGeneral(
+        (width,), ("heads", "kv", "embed"), ("embed",), num_contract=2,
+        dtype=self.dtype, param_dtype=self.param_dtype, name="out_proj")(attended)
+
+
+class EncoderBlock(nn.Module):
+  """Pre-LN transformer block: x + attn(ln1(x)), then x + mlp(ln2(x))."""
+  mlp_dim: int
+  num_heads: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, mask: Optional[Array] = None) -> Array:
+    x = constrain(x, ACT_TOKENS)
+    y = layer_norm("layer_norm1", self.param_dtype)(x).astype(self.dtype)
+    y = MultiHeadAttention(self.num_heads, self.dtype, self.param_dtype,
+                           name="self_attn")(y, mask=mask)
+    x = x + y
+    y = layer_norm("layer_norm2", self.param_dtype)(x).astype(self.dtype)
+    y = MlpBlock(self.mlp_dim, self.dtype, self.param_dtype, name="mlp")(y)
+    return constrain(x + y, ACT_TOKENS)
+
+
+REMAT_POLICIES = ("none", "full", "dots_saveable",
+                  "dots_with_no_batch_dims_saveable", "nothing_saveable",
+                  "everything_saveable")
+
+
+def remat_block(block_cls, remat_policy: str):
+  """`block_cls` wrapped in `nn.remat` according to a policy name.
+
+  'none' keeps every activation (no rematerialisation), 'full' recomputes the
+  whole block in the backward pass, any other name is a `jax.checkpoint_policies`
+  member (what to keep; the rest is recomputed).
+  """
+  if remat_policy == "none":
+    return block_cls
+  if remat_policy == "full":
+    return nn.remat(block_cls, prevent_cse=True)
+  policy = getattr(jax.checkpoint_policies, remat_policy, None)
+  if policy is None or remat_policy.startswith("_"):
+    known = [n for n in dir(jax.checkpoint_policies) if not n.startswith("_")]
+    raise ValueError(unknown_name_message(
+        "remat policy", remat_policy, ["none", "full"] + known))
+  return nn.remat(block_cls, policy=policy, prevent_cse=True)
+
+
+class Encoder(nn.Module):
+  """`depth` encoder blocks (`layers_0`, ...) and a final LayerNorm."""
+  depth: int
+  mlp_dim: int
+  num_heads: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  remat_policy: str = "none"
+
+  @nn.compact
+  def __call__(self, x: Array, mask: Optional[Array] = None) -> Array:
+    block_cls = remat_block(EncoderBlock, self.remat_policy)
+    x = x.astype(self.dtype)
+    for i in range(self.depth):
+      x = block_cls(self.mlp_dim, self.num_heads, self.dtype, self.param_dtype,
+                    name=f"layers_{i}")(x, mask)
+    return layer_norm("encoder_norm", self.param_dtype)(x).astype(self.dtype)
+
+
+class MAPHead(nn.Module):
+  """Multihead attention pooling (HF `SiglipMultiheadAttentionPoolingHead`).
+
+  A learned probe attends over the tokens; then `x + mlp(layernorm(x))`.
+  """
+  num_heads: int
+  mlp_dim: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    batch, _, width = x.shape
+    probe = self.param(
+        "probe", partitioned(_KERNEL_INIT, (None, None, "embed")),
+        (1, 1, width), self.param_dtype)
+    probe = jnp.broadcast_to(probe, (batch, 1, width)).astype(self.dtype)
+    x = MultiHeadAttention(self.num_heads, self.dtype, self.param_dtype,
+                           name="attention")(probe, x)
+    y = layer_norm("layernorm", self.param_dtype)(x).astype(self.dtype)
+    x = x + MlpBlock(self.mlp_dim, self.dtype, self.param_dtype, name="mlp")(y)
+    return x[:, 0]
+
+
+class LearnedPositionEmbedding(nn.Module):
+  """A learned table `embedding` of shape (num_positions, width); returns it."""
+  num_positions: int
+  width: int
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self) -> Array:
+    return self.param(
+        "embedding",
+        partitioned(nn.initializers.normal(stddev=self.width ** -0.5),
+                    ("pos", "embed")),
+        (self.num_positions, self.width), self.param_dtype)
+
+
+def posemb_sincos_2d(h: int, w: int, width: int, temperature: float = 10_000.,
+                     dtype: Dtype = jnp.float32) -> Array:
+  """Fixed 2-D sin-cos position embedding, [h * w, width] (MoCo v3, big_vision).
+
+  A quarter of the channels each for sin(x), cos(x), sin(y), cos(y), with
+  frequencies `temperature ** -(i / (width/4 - 1))`; rows in raster order.
+  """
+  if width % 4:
+    raise ValueError(f"Width {width} must be a multiple of 4 for 2-D sincos.")
+  y, x = np.mgrid[:h, :w]
+  quarter = width // 4
+  omega = np.arange(quarter) / max(quarter - 1, 1)
+  omega = 1. / (temperature ** omega)
+  y = np.einsum("m,d->md", y.flatten(), omega)
+  x = np.einsum("m,d->md", x.flatten(), omega)
+  pe = np.concatenate([np.sin(x), np.cos(x), np.sin(y), np.cos(y)], axis=1)
+  return jnp.asarray(pe, dtype)

@@ -1,0 +1,74 @@
+"""Train a model from an experiment config.
+
+  python -m vlpjax.train --config experiments/siglip_shapes.py[:key=val,flag] \\
+      --workdir DIR [--config.a.b=value ...]
+
+Configs: Python files in experiments/ with `get_config(arg)`; the text after ':' is passed as
+`arg` (e.g. `batch=32768,scan`). `--config.a.b=value` overrides any key after loading; values
+are Python literals of the key's type. Unknown keys and typos fail before any work, naming the
+nearest valid keys. The effective config is written to WORKDIR/config.json.
+
+Workdir and resuming: checkpoints go to WORKDIR/checkpoints (Orbax), metrics to
+WORKDIR/metrics.jsonl and WORKDIR/tensorboard. Re-running the same command with the same
+workdir resumes from the latest checkpoint: params, optimizer state, step, RNG (derived from
+seed and step) and the input position, so the result equals an uninterrupted run.
+
+Mesh and sharding: `config.mesh` sizes the device mesh axes (data, fsdp, tensor; one may be
+-1 to take the remaining devices). Model params and activations carry logical axis names
+(embed, mlp, heads, kv, vocab, act_batch, ...); `config.sharding_rules` is the one table that
+maps each name to mesh axes. Presets: vlpjax.sharding.rules_preset('data_parallel' | 'fsdp' |
+'fsdp_tensor'). Multi-process runs (TPU pods, SLURM) are detected and joined automatically.
+"""
+import argparse
+import sys
+
+from absl import logging
+
+from vlpjax import config as config_lib
+
+
+def parse_args(argv):
+  parser = argparse.ArgumentParser(
+      prog="python -m vlpjax.train", description=__doc__,
+      formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--config", required=True, metavar="FILE.py[:ARG]",
+                      help="experiment config file, optionally with ':arg' for get_config")
+  parser.add_argument("--workdir", required=True,
+                      help="where checkpoints, metrics and config.json go (local or gs://)")
+  parser.add_argument("--print_config", action="store_true",
+                      help="print the effective config and exit")
+  args, rest = parser.parse_known_args(argv)
+  overrides = []
+  for item in rest:
+    if not item.startswith("--config."):
+      parser.error(f"unrecognised argument {item!r} (overrides look like --config.a.b=value)")
+    overrides.append(item[len("--config."):])
+  return args, overrides
+
+
+def load_config(spec: str, overrides) -> config_lib.ConfigDict:
+  return config_lib.finalize(config_lib.load(spec), overrides)
+
+
+def main(argv=None) -> int:
+  args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+  try:
+    config = load_config(args.config, overrides)
+  except config_lib.ConfigError as e:
+    print(f"Config error: {e}", file=sys.stderr)
+    return 2
+  if args.print_config:
+    print(config)
+    return 0
+  logging.set_verbosity(logging.WARNING)
+  from vlpjax import trainer  # pylint: disable=g-import-not-at-top  (fast --help, config errors)
+  try:
+    trainer.Loop(config, args.workdir).run()
+  except (config_lib.ConfigError, trainer.NonFiniteLossError) as e:
+    print(f"Error: {e}", file=sys.stderr)
+    return 1
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

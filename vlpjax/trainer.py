@@ -1,0 +1,253 @@
+"""The one trainer: config -> mesh -> sharded state -> loop (steps, evals, checkpoints, metrics).
+
+Every model family runs through it via the family interface (`vlpjax/families`).
+"""
+import dataclasses
+import importlib
+import os
+import time
+from typing import Any, Callable, Dict, Optional
+
+from absl import logging
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tensorflow as tf
+
+from vlpjax import checkpoint as checkpoint_lib
+from vlpjax import config as config_lib
+from vlpjax import metrics as metrics_lib
+from vlpjax import optim
+from vlpjax import sharding
+from vlpjax import train_step as train_step_lib
+from vlpjax.data import pipeline
+from vlpjax.evaluators import build_evaluators
+from vlpjax.families import get_family
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The loss became NaN or infinite; the message names the step."""
+
+
+@dataclasses.dataclass
+class Setup:
+  """Everything built from a config before the first step (no data read yet)."""
+  config: Any
+  mesh: Any
+  family: Any
+  state_shardings: Any
+  abstract_state: Any
+  init_state: Callable[[], Any]
+  train_step: Callable[[Any, Any], Any]
+  batch_shardings: Any
+  jitted_step: Any
+
+  def lower_train_step(self):
+    """Lowers the train step from shapes alone (no data, no state allocated)."""
+    state = checkpoint_lib.abstract_with_shardings(self.abstract_state, self.state_shardings)
+    batch = {k: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=self.batch_shardings[k])
+             for k, s in self.family.input_specs(self.config.global_batch_size).items()}
+    with sharding.logical_context(self.mesh, self.config.sharding_rules):
+      return self.jitted_step.lower(state, batch)
+
+
+def import_data_modules(config) -> None:
+  """Registers the config's seqio tasks: `data_modules`, then `input.files` if given."""
+  for name in config.data_modules:
+    try:
+      importlib.import_module(name)
+    except ImportError as e:
+      raise config_lib.ConfigError(f"config.data_modules: cannot import {name!r}: {e}") from e
+  if config.input.files:
+    from data_mixtures import shapes as image_caption_tasks  # pylint: disable=g-import-not-at-top
+    image_caption_tasks.register_tfrecord_task(config.input.task, config.input.files.to_dict())
+
+
+def _check_batch_divisibility(config, mesh) -> None:
+  batch, accum = config.global_batch_size, config.grad_accum_steps
+  micro = batch // accum
+  split = sharding.batch_axis_size(mesh, config.sharding_rules)
+  if micro % split:
+    raise config_lib.ConfigError(
+        f"global_batch_size={batch} / grad_accum_steps={accum} = {micro} examples per "
+        f"micro-batch, not divisible by the {split}-way batch sharding of mesh "
+        f"{dict(mesh.shape)}.")
+  if batch % jax.process_count():
+    raise config_lib.ConfigError(f"global_batch_size={batch} is not divisible by the "
+                                 f"{jax.process_count()} processes.")
+
+
+def build(config, devices=None) -> Setup:
+  """Mesh, family, optimizer, state shardings and the jitted init and train step."""
+  mesh = sharding.make_mesh(config.mesh, devices)
+  rules = config.sharding_rules
+  _check_batch_divisibility(config, mesh)
+  family = get_family(config)
+  specs = family.input_specs(config.global_batch_size // config.grad_accum_steps)
+  rng = jax.random.key(config.seed)
+  init_rng, step_rng = jax.random.split(rng)
+
+  with sharding.logical_context(mesh, rules):
+    boxed = jax.eval_shape(family.init, init_rng, specs)
+  params_sharding = sharding.param_shardings(boxed, mesh, rules)
+  params_abstract = nn.unbox(boxed)
+  tx, schedule, frozen = optim.make_optimizer(config, params_abstract)
+  opt_abstract = jax.eval_shape(tx.init, params_abstract)
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  state_shardings = dict(
+      step=replicated, params=params_sharding,
+      opt_state=sharding.like_params_shardings(opt_abstract, params_abstract,
+                                               params_sharding, mesh))
+  abstract_state = dict(step=jax.ShapeDtypeStruct((), jnp.int32), params=params_abstract,
+                        opt_state=opt_abstract)
+
+  def init_fn():
+    params = nn.unbox(family.init(init_rng, {k: jnp.zeros(s.shape, s.dtype)
+                                           for k, s in specs.items()}))
+    return dict(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+  # Created directly sharded: no host ever holds the full state.
+  jitted_init = jax.jit(init_fn, out_shardings=state_shardings)
+
+  def init_state():
+    with sharding.logical_context(mesh, rules):
+      return jitted_init()
+
+  batch_shardings = {k: sharding.batch_sharding(mesh, rules, len(s.shape))
+                     for k, s in family.input_specs(config.global_batch_size).items()}
+  step_fn = train_step_lib.make_train_step(family, tx, schedule, config.grad_accum_steps,
+                                           step_rng, frozen)
+  jitted_step = jax.jit(step_fn, in_shardings=(state_shardings, batch_shardings),
+                        out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+
+  def train_step(state, batch):
+    with sharding.logical_context(mesh, rules):
+      return jitted_step(state, batch)
+
+  return Setup(config, mesh, family, state_shardings, abstract_state, init_state, train_step,
+               batch_shardings, jitted_step)
+
+
+def _check_batch(batch: Dict[str, np.ndarray], setup: Setup) -> None:
+  local = setup.config.global_batch_size // jax.process_count()
+  specs = setup.family.input_specs(local)
+  for key, spec in specs.items():
+    if key not in batch:
+      raise ValueError(f"input batch has no {key!r} (has {sorted(batch)}); check config.input.")
+    if tuple(batch[key].shape) != tuple(spec.shape):
+      raise ValueError(f"input batch {key!r} has shape {batch[key].shape}, the model expects "
+                       f"{spec.shape}: check config.input.pp / image_size / text_length.")
+
+
+def _check_finite(step: int, scalars: Dict[str, float]) -> None:
+  loss = scalars["loss"]
+  if not np.isfinite(loss):
+    raise NonFiniteLossError(
+        f"loss is {loss} at step {step} (grad_norm {scalars.get('grad_norm')}); stopping. "
+        "The last checkpoint before this step is intact. Lower optim.lr, enable "
+        "optim.grad_clip_norm, or check the inputs of this step.")
+
+
+class Loop:
+  """Runs steps from wherever the workdir's checkpoints say, to `total_steps`."""
+
+  def __init__(self, config, workdir: str):
+    self.config = config
+    self.workdir = workdir
+    self.is_lead = jax.process_index() == 0
+
+  def run(self) -> Dict[str, Any]:
+    config, workdir = self.config, self.workdir
+    sharding.maybe_initialize_distributed(config.distributed)
+    import_data_modules(config)
+    setup = build(config)
+    if self.is_lead:
+      tf.io.gfile.makedirs(workdir)
+      config_lib.save_json(config, os.path.join(workdir, "config.json"))
+    ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                       **config.checkpoint.to_dict())
+    evaluators = build_evaluators(config, setup.family, setup.mesh)
+    writer = metrics_lib.make_writer(workdir, self.is_lead)
+
+    state, data_position = self._restore_or_init(setup, ckpt)
+    start = int(state["step"])
+    batches = pipeline.train_batches(
+        config.input, global_batch_size=config.global_batch_size, seed=config.seed,
+        start_position=data_position, process_index=jax.process_index(),
+        process_count=jax.process_count())
+    progress = metrics_lib.Progress(config.total_steps, config.global_batch_size, start)
+    results: Dict[str, Any] = {}
+    pending: Optional[tuple] = None  # (step, device metrics) not yet checked on the host
+
+    try:
+      for step in range(start, config.total_steps):
+        local = next(batches)
+        if step == start:
+          _check_batch(local, setup)
+        batch = sharding.global_batch(
+            {k: local[k] for k in setup.batch_shardings}, setup.mesh, config.sharding_rules)
+        state, step_metrics = setup.train_step(state, batch)
+        done = step + 1
+        # Check the previous step's metrics while this one runs: no stall in the loop.
+        if pending is not None:
+          self._handle_metrics(*pending, progress, writer)
+        pending = (done, step_metrics)
+        if step == start:
+          jax.block_until_ready(state["step"])
+          progress.start(done)
+          logging.info("First step compiled and ran.")
+        if ckpt.should_save(done, config.total_steps) or self._eval_due(evaluators, done):
+          self._handle_metrics(*pending, progress, writer)  # never save a NaN state
+          pending = None
+          if ckpt.should_save(done, config.total_steps):
+            ckpt.save(done, state, {"data_position": data_position + done - start})
+            print(f"checkpoint saved at step {done}", flush=True)
+          results.update(self._run_evals(evaluators, state, done, writer))
+      if pending is not None:
+        self._handle_metrics(*pending, progress, writer)
+    finally:
+      ckpt.close()
+      writer.flush()
+    results["final_step"] = int(state["step"])
+    results["state"] = state
+    return results
+
+  def _restore_or_init(self, setup: Setup, ckpt):
+    latest = ckpt.latest_step()
+    if latest is None:
+      logging.info("No checkpoint in %s: starting from scratch.", self.workdir)
+      return setup.init_state(), 0
+    target = checkpoint_lib.abstract_with_shardings(setup.abstract_state,
+                                                    setup.state_shardings)
+    state, meta = ckpt.restore(latest, target)
+    print(f"resuming from checkpoint step {latest}", flush=True)
+    return state, int(meta["data_position"])
+
+  def _handle_metrics(self, step, device_metrics, progress, writer):
+    scalars = metrics_lib.to_host_scalars(device_metrics)
+    _check_finite(step, scalars)
+    if step % self.config.log_every_steps == 0 or step == self.config.total_steps:
+      rate = progress.rate(step)
+      writer.write_scalars(step, {f"train/{k}": v for k, v in {**scalars, **rate}.items()})
+      progress.report(step, scalars, rate)
+
+  @staticmethod
+  def _eval_due(evaluators, step) -> bool:
+    return any(e.every_steps and step % e.every_steps == 0 for e in evaluators.values())
+
+  def _run_evals(self, evaluators, state, step, writer) -> Dict[str, Dict[str, float]]:
+    final = step == self.config.total_steps
+    out = {}
+    for name, evaluator in evaluators.items():
+      if not (final or (evaluator.every_steps and step % evaluator.every_steps == 0)):
+        continue
+      t0 = time.perf_counter()
+      values = evaluator.run(state["params"])
+      writer.write_scalars(step, {f"{name}/{k}": v for k, v in values.items()})
+      shown = ", ".join(f"{k} {v:g}" if k.startswith("num_") else f"{k} {v:.4f}"
+                        for k, v in values.items())
+      print(f"eval {name} @ step {step}: {shown} ({time.perf_counter() - t0:.1f}s)", flush=True)
+      out[name] = values
+    writer.flush()
+    return out
