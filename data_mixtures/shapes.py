@@ -12,19 +12,8 @@ import tensorflow as tf
 from vlpjax.data import preprocessors
 from vlpjax.data import shapes
 from vlpjax.data import sources
-from vlpjax.data.vocab import default_vocabulary
 
 TASK_NAME = "shapes_captions"
-
-
-def output_features(vocabulary: Optional[seqio.Vocabulary] = None):
-  """texts (token ids, no EOS), image (uint8 [H, W, 3]) and optional label."""
-  return {
-      "texts": seqio.Feature(vocabulary or default_vocabulary(), add_eos=False),
-      # seqio validates only dtype and rank, so images pass as rank-3 features.
-      "image": seqio.ContinuousFeature(dtype=tf.uint8, rank=3),
-      "label": seqio.ContinuousFeature(dtype=tf.int64, rank=0, required=False),
-  }
 
 
 def add_task(name: str, **task_kwargs) -> seqio.Task:
@@ -54,7 +43,7 @@ def register_shapes_task(name: str = TASK_NAME, image_size: int = 64,
                         split_sizes=split_sizes),
       splits=list(split_sizes), num_input_examples=split_sizes)
   return add_task(
-      name, source=source, output_features=output_features(),
+      name, source=source, output_features=preprocessors.image_caption_output_features(),
       preprocessors=[preprocessors.decode_image, preprocessors.tokenize_caption])
 
 
@@ -65,7 +54,7 @@ def register_tfrecord_task(
   return add_task(
       name,
       source=sources.image_caption_tfexample_source(file_pattern, num_input_examples),
-      output_features=output_features(),
+      output_features=preprocessors.image_caption_output_features(),
       preprocessors=[preprocessors.choose_caption, preprocessors.decode_image,
                      preprocessors.tokenize_caption])
 

@@ -2,8 +2,11 @@
 
 Everything runs the real seqio / tf.data / SentencePiece code on tiny splits.
 """
+import io
+
 import ml_collections
 import numpy as np
+from PIL import Image
 import pytest
 import seqio
 import tensorflow as tf
@@ -106,14 +109,49 @@ def test_registration_is_idempotent():
 # --- preprocessors -------------------------------------------------------------
 
 
+def _encode(array, fmt):
+  buffer = io.BytesIO()
+  Image.fromarray(array).save(buffer, format=fmt)
+  return buffer.getvalue()
+
+
 def test_corrupt_image_error_names_the_record():
   good = shapes.generate_example("train", 0, image_size=32)["image"]
-  ds = tf.data.Dataset.from_tensor_slices(
-      {"id": ["ok/1", "broken/7"], "image": [good, b"\xff\xd8 not a jpeg"]})
+  ds = tf.data.Dataset.from_tensor_slices({
+      "id": ["ok/1", "truncated/3", "garbage/7"],
+      "image": [good, good[:len(good) // 2], b"<html>404 not found</html>"]})
   it = preprocessors.decode_image(ds).as_numpy_iterator()
   assert next(it)["image"].shape == (32, 32, 3)
-  with pytest.raises(tf.errors.OpError, match="record 'broken/7': cannot decode image"):
+  with pytest.raises(tf.errors.OpError, match="record 'truncated/3': cannot decode image"):
     next(it)
+  it = preprocessors.decode_image(ds.skip(2)).as_numpy_iterator()
+  with pytest.raises(tf.errors.OpError, match="record 'garbage/7': cannot decode image"):
+    next(it)
+
+
+def test_jpeg_records_never_run_python(monkeypatch):
+  # Python in the hot path would compete with the training loop for the GIL and
+  # hang a process that exits while prefetching; shapes JPEGs must stay in TF.
+  calls = []
+  original = preprocessors._pil_decode  # pylint: disable=protected-access
+  monkeypatch.setattr(preprocessors, "_pil_decode",
+                      lambda *args: calls.append(1) or original(*args))
+  ds = preprocessors.decode_image(shapes.make_dataset("validation", 32, num_examples=10))
+  assert len(list(ds.as_numpy_iterator())) == 10
+  assert not calls
+
+
+def test_decode_image_formats_agree():
+  # PNG takes TF's decoder, BMP and grayscale GIF take PIL's: same pixels out.
+  array = np.random.default_rng(0).integers(0, 256, size=(5, 7, 3), dtype=np.uint8)
+  gray = array[..., 0]
+  ds = tf.data.Dataset.from_tensor_slices({"image": [
+      _encode(array, "PNG"), _encode(array, "BMP"), _encode(gray, "PNG"), _encode(gray, "GIF")]})
+  images = [ex["image"] for ex in preprocessors.decode_image(ds).as_numpy_iterator()]
+  np.testing.assert_array_equal(images[0], array)
+  np.testing.assert_array_equal(images[1], array)
+  np.testing.assert_array_equal(images[2], np.stack([gray] * 3, axis=-1))
+  np.testing.assert_array_equal(images[3], images[2])
 
 
 def test_choose_caption_is_seeded():
@@ -182,6 +220,8 @@ def test_tfrecord_source_matches_function_source(tmp_path):
         {"texts": 16}, split="validation", shuffle=False, seed=0)
     return {ex["id"]: ex for ex in ds.as_numpy_iterator()}
 
+  assert shapes.write_tfrecords("validation", str(tmp_path / "one"), 32, 2) == [
+      str(tmp_path / "one")]
   from_files, generated = by_id("test_shapes_tfrecord"), by_id(TINY)
   assert sorted(from_files) == sorted(generated)
   for record_id, ex in generated.items():
@@ -197,7 +237,7 @@ def test_tfrecord_source_matches_function_source(tmp_path):
 
 
 def test_train_batches_shapes_and_dtypes():
-  batch = next(pipeline.train_batches(_config(), global_batch_size=8, seed=0))
+  batch = next(pipeline.train_batches(_config(threads=1), global_batch_size=8, seed=0))
   assert batch["image"].shape == (8, 32, 32, 3) and batch["image"].dtype == np.float32
   assert batch["texts"].shape == (8, 12) and batch["texts"].dtype == np.int32
   assert set(batch) == {"image", "texts"}

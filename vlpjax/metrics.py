@@ -61,7 +61,7 @@ def make_writer(workdir: str, is_lead: bool) -> metric_writers.MetricWriter:
   ])
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
   seconds = int(max(seconds, 0))
   h, rem = divmod(seconds, 3600)
   m, s = divmod(rem, 60)
@@ -99,7 +99,7 @@ class Progress:
     if rate:
       sps = rate["steps_per_sec"]
       parts += [f"{sps:.2f} steps/s", f"{rate['examples_per_sec']:.0f} ex/s",
-                f"ETA {_duration((self.total_steps - step) / max(sps, 1e-9))}"]
+                f"ETA {duration((self.total_steps - step) / max(sps, 1e-9))}"]
     print(" | ".join(parts), file=self.stream, flush=True)
 
 

@@ -177,6 +177,8 @@ class Loop:
         start_position=data_position, process_index=jax.process_index(),
         process_count=jax.process_count())
     progress = metrics_lib.Progress(config.total_steps, config.global_batch_size, start)
+    self.eval_seconds = 0.0
+    t_start = time.perf_counter()
     results: Dict[str, Any] = {}
     pending: Optional[tuple] = None  # (step, device metrics) not yet checked on the host
 
@@ -210,6 +212,11 @@ class Loop:
       ckpt.close()
       writer.flush()
     results["final_step"] = int(state["step"])
+    if start < config.total_steps:
+      total = time.perf_counter() - t_start
+      print(f"done: steps {start}..{config.total_steps} in {metrics_lib.duration(total)} "
+            f"({metrics_lib.duration(total - self.eval_seconds)} training incl. compilation, "
+            f"{metrics_lib.duration(self.eval_seconds)} evals); workdir {workdir}", flush=True)
     results["state"] = state
     return results
 
@@ -249,5 +256,6 @@ class Loop:
                         for k, v in values.items())
       print(f"eval {name} @ step {step}: {shown} ({time.perf_counter() - t0:.1f}s)", flush=True)
       out[name] = values
+      self.eval_seconds += time.perf_counter() - t0
     writer.flush()
     return out

@@ -12,13 +12,14 @@ Two layers, on purpose:
 """
 import ast
 import io
-from typing import Any, Callable, Dict, List, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image
 import seqio
 import tensorflow as tf
 
+from vlpjax.data import vocab
 from vlpjax.registry import Registry
 
 Features = Dict[str, Any]
@@ -27,6 +28,17 @@ Op = Callable[[Features, tf.Tensor], Features]
 # --------------------------------------------------------------------------------
 # seqio preprocessors
 # --------------------------------------------------------------------------------
+
+
+def image_caption_output_features(vocabulary: Optional[seqio.Vocabulary] = None):
+  """What an image-caption task yields: texts (no EOS), image, optional label."""
+  return {
+      "texts": seqio.Feature(vocabulary or vocab.default_vocabulary(), add_eos=False),
+      # seqio checks only dtype and rank, so an image is a rank-3 feature.
+      "image": seqio.ContinuousFeature(dtype=tf.uint8, rank=3),
+      "label": seqio.ContinuousFeature(dtype=tf.int64, rank=0, required=False),
+  }
+
 
 
 def _pil_decode(data: bytes, record_id: bytes) -> np.ndarray:
@@ -38,21 +50,43 @@ def _pil_decode(data: bytes, record_id: bytes) -> np.ndarray:
     raise ValueError(f"record {name!r}: cannot decode image: {e}") from e
 
 
+def _has(data: tf.Tensor, prefix: bytes, suffix: bytes) -> tf.Tensor:
+  size = tf.strings.length(data)
+  head = tf.strings.substr(data, 0, len(prefix))
+  tail = tf.strings.substr(data, tf.maximum(size - len(suffix), 0), len(suffix))
+  return tf.logical_and(tf.equal(head, prefix), tf.equal(tail, suffix))
+
+
+def _is_complete_jpeg_or_png(data: tf.Tensor) -> tf.Tensor:
+  """Start and end markers present: the file is not garbage nor truncated."""
+  jpeg = _has(data, b"\xff\xd8\xff", b"\xff\xd9")
+  png = _has(data, b"\x89PNG\r\n\x1a\n", b"IEND\xaeB`\x82")
+  return tf.logical_or(jpeg, png)
+
+
 def decode_image(ds: tf.data.Dataset, key: str = "image",
                  id_key: str = "id") -> tf.data.Dataset:
-  """Encoded image bytes (JPEG, PNG, ...) -> uint8 [H, W, 3].
+  """Encoded image bytes -> uint8 [H, W, 3].
 
-  Decodes with PIL inside `tf.numpy_function` rather than `tf.io.decode_image` so
-  a corrupt record fails with its id in the message (TF's own decoder only says
-  "Invalid JPEG data"), which is what a user needs to find it in a large
-  dataset. PIL releases the GIL while decoding, so parallel maps still help.
+  Complete JPEG and PNG files (nearly every record) are decoded by TF in C++.
+  Anything else (garbage, truncated files, other formats) goes to PIL through
+  `tf.numpy_function`: it decodes what it can and otherwise fails with the
+  record's id in the message, which TF's decoder cannot give. Keeping Python off
+  the common path matters twice: decoding does not compete for the GIL with the
+  training loop, and a process that exits while its iterator is prefetching does
+  not hang (Python stops threads that want the GIL during shutdown, and the
+  iterator then waits for them forever). A JPEG with intact markers but corrupt
+  data still fails, but with TF's message, without the id.
   """
 
   def fn(features):
+    data = features[key]
     record_id = features.get(id_key, tf.constant(""))
-    image = tf.numpy_function(_pil_decode, [features[key], record_id], tf.uint8,
-                              stateful=False)
-    image.set_shape([None, None, 3])
+    image = tf.cond(
+        _is_complete_jpeg_or_png(data),
+        lambda: tf.io.decode_image(data, channels=3, expand_animations=False),
+        lambda: tf.numpy_function(_pil_decode, [data, record_id], tf.uint8, stateful=False))
+    image = tf.ensure_shape(image, [None, None, 3])
     return {**features, key: image}
 
   return ds.map(fn, num_parallel_calls=tf.data.AUTOTUNE)
@@ -107,8 +141,12 @@ def tokenize_caption(ds: tf.data.Dataset, output_features: Dict[str, seqio.Featu
 PP_OPS = Registry("preprocessing op")
 
 
-def _register(name: str, random: bool = False):
-  """Registers an op factory; `random` ops may not be used for evaluation."""
+def register_op(name: str, random: bool = False):
+  """Registers a pp op factory under `name`; `random` ops are refused for eval.
+
+  The factory takes the op's arguments from the pp string and returns
+  `op(features, seed) -> features`; only random ops may use `seed`.
+  """
 
   def decorator(factory):
     factory.is_random = random
@@ -128,7 +166,7 @@ def _resize(image: tf.Tensor, hw, method: str, antialias: bool) -> tf.Tensor:
   return tf.cast(out, image.dtype)
 
 
-@_register("resize")
+@register_op("resize")
 def resize(size, key: str = "image", method: str = "bilinear",
            antialias: bool = True) -> Op:
   """Resizes to `size` (int or (h, w)), ignoring the aspect ratio."""
@@ -141,7 +179,7 @@ def resize(size, key: str = "image", method: str = "bilinear",
   return op
 
 
-@_register("central_crop")
+@register_op("central_crop")
 def central_crop(size, key: str = "image") -> Op:
   """The centre `size` (int or (h, w)) crop; the image must be at least that big."""
   h, w = _hw(size)
@@ -156,7 +194,7 @@ def central_crop(size, key: str = "image") -> Op:
   return op
 
 
-@_register("random_resized_crop", random=True)
+@register_op("random_resized_crop", random=True)
 def random_resized_crop(size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), key: str = "image",
                         method: str = "bilinear", antialias: bool = True) -> Op:
   """Inception crop: a random box of `scale` area and `ratio` aspect, resized."""
@@ -175,7 +213,7 @@ def random_resized_crop(size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), key: str 
   return op
 
 
-@_register("flip_lr", random=True)
+@register_op("flip_lr", random=True)
 def flip_lr(key: str = "image") -> Op:
   """Mirrors the image left-right with probability 1/2."""
 
@@ -185,7 +223,7 @@ def flip_lr(key: str = "image") -> Op:
   return op
 
 
-@_register("value_range")
+@register_op("value_range")
 def value_range(lo: float = -1.0, hi: float = 1.0, in_min: float = 0.0,
                 in_max: float = 255.0, key: str = "image") -> Op:
   """Maps [in_min, in_max] (uint8 pixels by default) linearly to float32 [lo, hi]."""
@@ -204,7 +242,7 @@ def pad_to_length(tokens: tf.Tensor, length: int, pad_value: int = 0) -> tf.Tens
   return tf.ensure_shape(tokens, [length])
 
 
-@_register("pad_tokens")
+@register_op("pad_tokens")
 def pad_tokens(length: int, key: str = "texts", pad_value: int = 0) -> Op:
   """Truncates or pads (with `pad_value`, seqio's pad id 0) a 1-D feature to `length`."""
 
@@ -280,5 +318,5 @@ def parse_pp(spec: str) -> PPChain:
       op = factory(*args, **kwargs)
     except TypeError as e:
       raise ValueError(f"pp op {ast.unparse(node)!r}: {e}") from None
-    ops.append((name, op, factory.is_random))
+    ops.append((name, op, getattr(factory, "is_random", False)))
   return PPChain(spec, ops)

@@ -180,11 +180,13 @@ def write_tfrecords(split: str, path: str, image_size: int = 64,
                     num_examples: Optional[int] = None, num_shards: int = 1) -> List[str]:
   """Writes the split as tf.train.Examples (the schema of docs/data.md).
 
-  Files are `{path}-{shard:05d}-of-{num_shards:05d}`; examples go round-robin
-  over the shards. Returns the file names.
+  One shard is written to `path` itself; several to
+  `{path}-{shard:05d}-of-{num_shards:05d}`, examples going round-robin over them.
+  Returns the file names.
   """
   columns = _columns(split, image_size, split_size(split, num_examples))
-  names = [f"{path}-{i:05d}-of-{num_shards:05d}" for i in range(num_shards)]
+  names = ([path] if num_shards == 1 else
+           [f"{path}-{i:05d}-of-{num_shards:05d}" for i in range(num_shards)])
   writers = [tf.io.TFRecordWriter(name) for name in names]
   try:
     for i in range(len(columns["id"])):

@@ -83,8 +83,8 @@ class DatasetEmbedder:
     return np.asarray(self._embed_texts(params, to_global(local, self.mesh, self.rules)))[:n]
 
   def embed_dataset(self, params, want_texts: bool = True) -> Dict[str, np.ndarray]:
-    """{'zimg', 'ztxt' (if want_texts), 'label' (if present)} over the valid examples."""
-    outs: Dict[str, List[np.ndarray]] = {"zimg": [], "ztxt": [], "label": []}
+    """{'zimg', 'ztxt' and 'texts' (if want_texts), 'label' (if present)}, valid rows only."""
+    outs: Dict[str, List[np.ndarray]] = {"zimg": [], "ztxt": [], "texts": [], "label": []}
     masks = []
     for batch in self.data.batches(self.config):
       masks.append(gather_hosts(batch["mask"]))
@@ -93,6 +93,7 @@ class DatasetEmbedder:
       if want_texts:
         outs["ztxt"].append(np.asarray(self._embed_texts(
             params, to_global(batch["texts"], self.mesh, self.rules))))
+        outs["texts"].append(gather_hosts(batch["texts"]))
       if "label" in batch:
         outs["label"].append(gather_hosts(batch["label"]))
     return {k: gather_valid(v, masks) for k, v in outs.items() if v}
