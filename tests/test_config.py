@@ -83,3 +83,24 @@ def test_saved_config_json_round_trips(tmp_path):
     saved = json.load(f)
   assert saved["total_steps"] == config.total_steps
   assert saved["model"]["image"]["patch_size"] == config.model.image.patch_size
+
+
+def test_model_kwarg_typo_names_the_field():
+  from vlpjax.families import get_family  # pylint: disable=g-import-not-at-top
+  config = config_lib.finalize(config_lib.load(DEMO))
+  config.model.image.patch_szie = 4
+  with pytest.raises(config_lib.ConfigError,
+                     match=r"config\.model\.image\.patch_szie.*did you mean 'patch_size'"):
+    get_family(config)
+
+
+def test_evaluator_typo_names_the_type_and_key():
+  from vlpjax.evaluators import build_evaluators  # pylint: disable=g-import-not-at-top
+  config = config_lib.finalize(config_lib.load(DEMO))
+  config.evals.zeroshot.type = "zeroshot_clasification"
+  with pytest.raises(KeyError, match="Did you mean 'zeroshot_classification'"):
+    build_evaluators(config, family=None, mesh=None)
+  config.evals.zeroshot.type = "zeroshot_classification"
+  config.evals.zeroshot.templtes = ["{}"]
+  with pytest.raises(config_lib.ConfigError, match=r"templtes.*did you mean 'templates'"):
+    build_evaluators(config, family=None, mesh=None)

@@ -7,7 +7,6 @@ model code.
 """
 import contextlib
 import math
-import os
 from typing import Any, Dict, Iterator, Mapping, Sequence, Tuple
 
 from absl import logging
@@ -203,29 +202,31 @@ def global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh, rules) -> Di
 def maybe_initialize_distributed(distributed_config) -> None:
   """Joins a multi-process run when one is configured or detected; no-op on one process.
 
-  `jax.distributed.initialize()` with no arguments auto-detects TPU VM pods and SLURM/Open MPI
-  clusters; explicit coordinator settings in the config take precedence.
+  With `coordinator_address` set, the config's explicit settings are used. Otherwise (`auto`)
+  JAX's own cluster detection runs: TPU VM pods and GKE, SLURM, Open MPI, Kubernetes. Where it
+  finds no cluster (a laptop, one GPU host) the run stays single-process.
   """
   cfg = dict(distributed_config or {})
-  explicit = cfg.get("coordinator_address")
-  if explicit:
+  if cfg.get("coordinator_address"):
     jax.distributed.initialize(
-        coordinator_address=explicit,
-        num_processes=int(cfg.get("num_processes")),
-        process_id=int(cfg.get("process_id")),
+        coordinator_address=cfg["coordinator_address"],
+        num_processes=int(cfg["num_processes"]),
+        process_id=int(cfg["process_id"]),
     )
-  elif cfg.get("auto", True) and _looks_multiprocess():
-    jax.distributed.initialize()
+  elif cfg.get("auto", True) and not jax.distributed.is_initialized():
+    try:
+      jax.distributed.initialize()
+    except ValueError as e:
+      # JAX's message when no cluster environment was detected.
+      if "coordinator_address" not in str(e):
+        raise
+      logging.info("No multi-process cluster detected: running single-process.")
+    except RuntimeError as e:
+      # JAX already ran in this process (a notebook, a test): too late to join a cluster.
+      if "must be called before" not in str(e):
+        raise
+      logging.warning("JAX was initialised before the trainer: not joining a multi-process "
+                      "run. Start training before any other JAX call to use several hosts.")
   if jax.process_count() > 1:
     logging.info("Process %d of %d; %d local / %d global devices.", jax.process_index(),
                  jax.process_count(), jax.local_device_count(), jax.device_count())
-
-
-def _looks_multiprocess() -> bool:
-  # TPU VM pods expose worker hostnames; SLURM and Open MPI export task counts.
-  if len([h for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1:
-    return True
-  for var in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"):
-    if int(os.environ.get(var, "1") or 1) > 1:
-      return True
-  return False

@@ -13,7 +13,8 @@ def build_evaluators(config, family, mesh):
   """All evaluators in `config.evals`, keyed by their config name."""
   # Importing registers the built-in evaluators.
   from vlpjax.evaluators import retrieval, zeroshot  # pylint: disable=g-import-not-at-top,unused-import
-  built = {}
+  # Check every entry before building any: a typo in the last one fails before work starts.
+  checked = {}
   for name, entry in config.evals.items():
     entry = dict(entry)
     if "type" not in entry:
@@ -21,5 +22,6 @@ def build_evaluators(config, family, mesh):
                                    f"(one of {EVALUATORS.names()}).")
     cls = EVALUATORS.get(entry.pop("type"))
     config_lib.check_kwargs(f"config.evals.{name}", entry, cls.config_keys())
-    built[name] = cls(name, entry, config=config, family=family, mesh=mesh)
-  return built
+    checked[name] = (cls, entry)
+  return {name: cls(name, entry, config=config, family=family, mesh=mesh)
+          for name, (cls, entry) in checked.items()}
