@@ -155,11 +155,13 @@ class Loop:
   def __init__(self, config, workdir: str):
     self.config = config
     self.workdir = workdir
-    self.is_lead = jax.process_index() == 0
+    self.is_lead = True  # Known once the process has joined (or not) a multi-process run.
 
   def run(self) -> Dict[str, Any]:
     config, workdir = self.config, self.workdir
+    # First: nothing may touch a JAX backend before the distributed runtime is up.
     sharding.maybe_initialize_distributed(config.distributed)
+    self.is_lead = jax.process_index() == 0
     import_data_modules(config)
     setup = build(config)
     if self.is_lead:
@@ -212,7 +214,10 @@ class Loop:
       ckpt.close()
       writer.flush()
     results["final_step"] = int(state["step"])
-    if start < config.total_steps:
+    if start >= config.total_steps:
+      print(f"nothing to do: the checkpoint at step {start} already reached total_steps="
+            f"{config.total_steps} (raise --config.total_steps to train further)", flush=True)
+    else:
       total = time.perf_counter() - t_start
       print(f"done: steps {start}..{config.total_steps} in {metrics_lib.duration(total)} "
             f"({metrics_lib.duration(total - self.eval_seconds)} training incl. compilation, "
