@@ -13,6 +13,7 @@ import tensorflow as tf
 
 import data_mixtures  # noqa: F401  (registers shapes_captions)
 from data_mixtures import shapes as shapes_tasks
+from vlpjax.data import tasks
 from vlpjax.data import pipeline
 from vlpjax.data import preprocessors
 from vlpjax.data import shapes
@@ -212,7 +213,7 @@ def test_tfrecord_source_matches_function_source(tmp_path):
   files = shapes.write_tfrecords("validation", str(tmp_path / "val"), image_size=32,
                                  num_examples=TINY_SIZES["validation"], num_shards=2)
   assert len(files) == 2
-  shapes_tasks.register_tfrecord_task("test_shapes_tfrecord",
+  tasks.register_image_caption_tfrecord_task("test_shapes_tfrecord",
                                       {"validation": str(tmp_path / "val-*")})
 
   def by_id(name):

@@ -170,3 +170,42 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path):
     ckpt.close()
   # Same devices, same programs, same batches: the resumed run matches to round-off.
   assert_trees_close(final["killed"], final["ref"], rtol=1e-6, atol=1e-7)
+
+
+def test_trains_from_tfrecord_files_named_in_the_config(tmp_path):
+  from vlpjax.data import shapes  # pylint: disable=g-import-not-at-top
+  path = str(tmp_path / "train.tfrecord")
+  shapes.write_tfrecords("train", path, image_size=24, num_examples=64)
+  config = make_config(arg="steps=2,batch=16,size=16,eval_every=0", overrides=[
+      "input.task=user_captions_tfrecord", f"input.files={{'train': '{path}'}}",
+      "input.pp=resize(16)|value_range(-1, 1)", "checkpoint.every_steps=0",
+      "log_every_steps=1"])
+  results = trainer.Loop(config, str(tmp_path / "w")).run()
+  assert results["final_step"] == 2
+  with open(tmp_path / "w" / "metrics.jsonl") as f:
+    losses = [json.loads(line)["train/loss"] for line in f]
+  assert len(losses) == 2 and all(np.isfinite(losses))
+
+
+def test_corrupt_record_stops_with_its_id_and_step(tmp_path):
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from vlpjax.data import shapes  # pylint: disable=g-import-not-at-top
+  path = str(tmp_path / "bad.tfrecord")
+  with tf.io.TFRecordWriter(path) as writer:
+    for i in range(32):
+      record = shapes.generate_example("train", i, image_size=16)
+      if i == 5:
+        record = dict(record, id="user/bad-5", image=b"not an image")
+      feature = {
+          "image": tf.train.Feature(bytes_list=tf.train.BytesList(value=[record["image"]])),
+          "caption": tf.train.Feature(bytes_list=tf.train.BytesList(
+              value=[record["caption"].encode()])),
+          "id": tf.train.Feature(bytes_list=tf.train.BytesList(value=[record["id"].encode()])),
+      }
+      writer.write(tf.train.Example(features=tf.train.Features(feature=feature))
+                   .SerializeToString())
+  config = make_config(arg="steps=2,batch=16,size=16,eval_every=0", overrides=[
+      "input.task=user_bad_tfrecord", f"input.files={{'train': '{path}'}}",
+      "input.pp=resize(16)|value_range(-1, 1)", "input.shuffle_buffer=1"])
+  with pytest.raises(trainer.InputError, match=r"step 1: .*record 'user/bad-5'"):
+    trainer.Loop(config, str(tmp_path / "w")).run()

@@ -63,6 +63,8 @@ def defaults() -> ConfigDict:
       image_size=224,
       text_length=64,
       shuffle_buffer=10_000,
+      keys=(),                  # features the model reads; () = the data's default
+      threads=0,                # tf.data thread pool size; 0 = tf.data's default
   ))
   c.data_modules = ["data_mixtures"]  # imported so their seqio tasks are registered
 

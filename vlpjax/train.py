@@ -64,7 +64,7 @@ def main(argv=None) -> int:
   from vlpjax import trainer  # pylint: disable=g-import-not-at-top  (fast --help, config errors)
   try:
     trainer.Loop(config, args.workdir).run()
-  except (config_lib.ConfigError, trainer.NonFiniteLossError) as e:
+  except (config_lib.ConfigError, trainer.NonFiniteLossError, trainer.InputError) as e:
     print(f"Error: {e}", file=sys.stderr)
     return 1
   return 0

@@ -22,12 +22,25 @@ from vlpjax import optim
 from vlpjax import sharding
 from vlpjax import train_step as train_step_lib
 from vlpjax.data import pipeline
+from vlpjax.data import tasks
 from vlpjax.evaluators import build_evaluators
 from vlpjax.families import get_family
 
 
 class NonFiniteLossError(FloatingPointError):
   """The loss became NaN or infinite; the message names the step."""
+
+
+class InputError(RuntimeError):
+  """The input pipeline failed (e.g. an undecodable record); names the step and record."""
+
+
+def _next_batch(batches, step: int) -> Dict[str, np.ndarray]:
+  try:
+    return next(batches)
+  except tf.errors.OpError as e:
+    raise InputError(f"input pipeline failed building the batch of step {step}: "
+                     f"{e.message.strip()}") from e
 
 
 @dataclasses.dataclass
@@ -60,8 +73,7 @@ def import_data_modules(config) -> None:
     except ImportError as e:
       raise config_lib.ConfigError(f"config.data_modules: cannot import {name!r}: {e}") from e
   if config.input.files:
-    from data_mixtures import shapes as image_caption_tasks  # pylint: disable=g-import-not-at-top
-    image_caption_tasks.register_tfrecord_task(config.input.task, config.input.files.to_dict())
+    tasks.register_image_caption_tfrecord_task(config.input.task, config.input.files.to_dict())
 
 
 def _check_batch_divisibility(config, mesh) -> None:
@@ -186,7 +198,7 @@ class Loop:
 
     try:
       for step in range(start, config.total_steps):
-        local = next(batches)
+        local = _next_batch(batches, step + 1)
         if step == start:
           _check_batch(local, setup)
         batch = sharding.global_batch(

@@ -27,9 +27,11 @@ about 1.5 min per million; larger real images are slower). Resumption is exact
 for the same seed, global batch size, process count and data.
 """
 import importlib
+import logging
 import math
 from typing import Dict, Iterator, List, Optional, Sequence
 
+from absl import logging as absl_logging
 import numpy as np
 import seqio
 import tensorflow as tf
@@ -49,6 +51,20 @@ DEFAULT_KEYS = ("image", "texts")
 _PP_SALT = 0x5EED
 _EVAL_SEED = 0
 _counts_cache: Dict[tuple, List[int]] = {}
+
+
+class _DropUncachedFunctionDatasetWarning(logging.Filter):
+  """seqio warns on every train iterator over a FunctionDataSource that it should be cached.
+
+  For in-memory generated data (the embedded demo sets) there is nothing to cache and the
+  example-level shuffle is already complete, so the warning is only noise.
+  """
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return "uncached FunctionDataset" not in record.getMessage()
+
+
+absl_logging.get_absl_logger().addFilter(_DropUncachedFunctionDatasetWarning())
 
 
 def get_provider(name: str):

@@ -36,6 +36,19 @@ def partitioned(init, names):
   return nn.with_logical_partitioning(init, names)
 
 
+def projection(features: int, name: str, dtype, param_dtype) -> nn.Dense:
+  """Linear head from model width to an output embedding (`proj`) dim.
+
+  Not zero-initialised (big_vision's classifier default): a zero embedding has no direction
+  for the contrastive loss's L2 norm.
+  """
+  return nn.Dense(
+      features, dtype=dtype, param_dtype=param_dtype,
+      kernel_init=partitioned(nn.initializers.lecun_normal(), ("embed", "proj")),
+      bias_init=partitioned(nn.initializers.zeros_init(), ("proj",)),
+      name=name)
+
+
 def constrain(x: Array, names) -> Array:
   """Logical sharding constraint on an activation (a no-op without rules)."""
   return nn.with_logical_constraint(x, names)

@@ -87,10 +87,5 @@ class TextEncoder(nn.Module):
 
     out = pooled
     if self.out_dim is not None:
-      out = nn.Dense(
-          self.out_dim, dtype=self.dtype, param_dtype=self.param_dtype,
-          kernel_init=layers.partitioned(nn.initializers.lecun_normal(),
-                                         ("embed", "proj")),
-          bias_init=layers.partitioned(nn.initializers.zeros_init(), ("proj",)),
-          name="head")(pooled)
+      out = layers.projection(self.out_dim, "head", self.dtype, self.param_dtype)(pooled)
     return out, aux

@@ -150,12 +150,6 @@ class ViT(nn.Module):
 
     out = pooled
     if self.head_dim_out is not None:
-      out = nn.Dense(
-          self.head_dim_out, dtype=self.dtype, param_dtype=self.param_dtype,
-          # Not zero-initialised (big_vision's classifier default): a zero
-          # embedding has no direction for the contrastive loss's L2 norm.
-          kernel_init=layers.partitioned(nn.initializers.lecun_normal(),
-                                         ("embed", "proj")),
-          bias_init=layers.partitioned(nn.initializers.zeros_init(), ("proj",)),
-          name="proj")(pooled)
+      out = layers.projection(self.head_dim_out, "proj", self.dtype,
+                              self.param_dtype)(pooled)
     return out, aux
