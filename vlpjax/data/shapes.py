@@ -87,8 +87,18 @@ def _polygon(shape: str, cx: float, cy: float, r: float, angle: float):
   return [(cx + r * (x * c - y * s), cy + r * (x * s + y * c)) for x, y in pts]
 
 
-def _render(rng: np.random.Generator, image_size: int, shape: str,
-            colour: str, size: str, position: str) -> Image.Image:
+def draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float,
+               r: float, fill, angle: float = 0.0) -> None:
+  """Draws `shape` of radius `r` around (cx, cy); `angle` (radians) turns polygons."""
+  if shape == "circle":
+    draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+  else:
+    draw.polygon(_polygon(shape, cx, cy, r, angle), fill=fill)
+
+
+def render_shape(rng: np.random.Generator, image_size: int, shape: str,
+                 colour: str, size: str, position: str) -> Image.Image:
+  """One shape on a noisy background; every random choice comes from `rng`."""
   background = rng.integers(175, 236) + rng.integers(-12, 13, size=3)
   image = Image.new("RGB", (image_size, image_size), tuple(int(v) for v in background))
   draw = ImageDraw.Draw(image)
@@ -97,11 +107,9 @@ def _render(rng: np.random.Generator, image_size: int, shape: str,
   cx = np.clip(image_size * (fx + rng.uniform(-0.05, 0.05)), r, image_size - r)
   cy = np.clip(image_size * (fy + rng.uniform(-0.05, 0.05)), r, image_size - r)
   fill = tuple(int(v) for v in np.array(COLOURS[colour]) + rng.integers(-15, 16, size=3))
-  if shape == "circle":
-    draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
-  else:
-    angle = np.deg2rad(rng.uniform(-12, 12))
-    draw.polygon(_polygon(shape, cx, cy, r, angle), fill=fill)
+  # Circles draw no angle, so `rng` advances exactly as it always has.
+  angle = 0.0 if shape == "circle" else np.deg2rad(rng.uniform(-12, 12))
+  draw_shape(draw, shape, cx, cy, r, fill, angle)
   # Mild sensor-like noise so the background is not one exact value.
   # No clipping needed: background and fill channels are within [10, 247].
   noise = rng.integers(-6, 7, size=(image_size, image_size, 1), dtype=np.int16)
@@ -124,7 +132,7 @@ def generate_example(split: str, index: int, image_size: int = 64) -> Dict:
   size = SIZES[rng.integers(len(SIZES))]
   position = POSITIONS[rng.integers(len(POSITIONS))]
   caption = _caption(rng, shape, colour, size, position)
-  image = _render(rng, image_size, shape, colour, size, position)
+  image = render_shape(rng, image_size, shape, colour, size, position)
   buffer = io.BytesIO()
   image.save(buffer, format="JPEG", quality=_JPEG_QUALITY)
   return dict(id=f"shapes/{split}/{index}", image=buffer.getvalue(),
