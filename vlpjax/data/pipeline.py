@@ -83,7 +83,7 @@ def get_provider(name: str):
   return seqio.get_mixture_or_task(name)
 
 
-def _local_batch_size(global_batch_size: int, process_count: int) -> int:
+def local_batch_size(global_batch_size: int, process_count: int) -> int:
   if global_batch_size % process_count:
     raise ValueError(f"global_batch_size {global_batch_size} is not divisible by "
                      f"the {process_count} processes.")
@@ -134,7 +134,7 @@ def train_dataset(data_config, *, global_batch_size: int, seed: int,
                   start_position: int = 0, process_index: int = 0,
                   process_count: int = 1) -> tf.data.Dataset:
   """The dataset behind `train_batches` (for inspection tools)."""
-  local_batch = _local_batch_size(global_batch_size, process_count)
+  local_batch = local_batch_size(global_batch_size, process_count)
   chain = preprocessors.parse_pp(data_config.pp)  # Fail on typos before any work.
   keys = tuple(data_config.get("keys", None) or DEFAULT_KEYS)
   ds = _task_dataset(data_config, shuffle=True, seed=seed, num_epochs=None,
@@ -208,7 +208,7 @@ def _padding(element_spec: Dict[str, tf.TensorSpec]) -> tf.data.Dataset:
 def eval_dataset(data_config, *, global_batch_size: int, process_index: int = 0,
                  process_count: int = 1) -> tf.data.Dataset:
   """The dataset behind `eval_batches` (for inspection tools)."""
-  local_batch = _local_batch_size(global_batch_size, process_count)
+  local_batch = local_batch_size(global_batch_size, process_count)
   chain = preprocessors.parse_pp(data_config.pp)
   if chain.random_ops:
     raise ValueError(f"eval pp {data_config.pp!r} has random ops {chain.random_ops}; "

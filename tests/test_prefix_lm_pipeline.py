@@ -1,0 +1,108 @@
+"""Mixtures by rate and packed prefix-LM batches over tasks with and without images."""
+import ml_collections
+import numpy as np
+import pytest
+import seqio
+import tensorflow as tf
+
+from vlpjax.data import mixing
+from vlpjax.data import prefix_lm_pipeline
+from vlpjax.data import tasks
+from vlpjax.data.vocab import multimodal_vocabulary
+
+SIZE = 8
+
+
+def _dataset_fn(split, shuffle_files, seed=None, *, with_images):
+  del split, shuffle_files, seed
+  vocab = multimodal_vocabulary()
+  image_id = vocab.special_ids.image_id(0)
+  rng = np.random.default_rng(7 if with_images else 8)
+  examples = []
+  for i in range(40):
+    n_img = int(rng.integers(1, 3)) if with_images else 0
+    text = rng.integers(3, 200, size=int(rng.integers(2, 6))).tolist()
+    inputs = [image_id] * n_img + text
+    targets = rng.integers(3, 200, size=int(rng.integers(1, 5))).tolist() + [1]
+    images = rng.integers(0, 256, size=(n_img, SIZE, SIZE, 3)).astype(np.uint8)
+    examples.append((f"{'img' if with_images else 'txt'}/{i}", inputs, targets, images))
+  return tf.data.Dataset.from_generator(
+      lambda: ({"id": e[0], "inputs": e[1], "targets": e[2], "images": e[3]}
+               for e in examples),
+      output_signature={"id": tf.TensorSpec([], tf.string),
+                        "inputs": tf.TensorSpec([None], tf.int32),
+                        "targets": tf.TensorSpec([None], tf.int32),
+                        "images": tf.TensorSpec([None, SIZE, SIZE, 3], tf.uint8)})
+
+
+def _features():
+  vocab = multimodal_vocabulary()
+  return {"inputs": seqio.Feature(vocab, add_eos=False),
+          "targets": seqio.Feature(vocab, add_eos=False),
+          "images": seqio.ContinuousFeature(dtype=tf.uint8, rank=4)}
+
+
+@pytest.fixture(scope="module")
+def mixture_name():
+  import functools  # pylint: disable=g-import-not-at-top
+  for name, with_images in (("plm_test_images", True), ("plm_test_text", False)):
+    tasks.add_task(name, source=seqio.FunctionDataSource(
+        functools.partial(_dataset_fn, with_images=with_images), splits=["train"]),
+                   output_features=_features(), preprocessors=[])
+  if "plm_test_mix" in seqio.MixtureRegistry.names():
+    seqio.MixtureRegistry.remove("plm_test_mix")
+  seqio.MixtureRegistry.add("plm_test_mix", [("plm_test_images", 3.0), ("plm_test_text", 1.0)])
+  return "plm_test_mix"
+
+
+def _config(task):
+  return ml_collections.ConfigDict(dict(
+      task=task, split="train", pp='value_range(-1, 1, key="images")', shuffle_buffer=16,
+      row_length=32, max_images_per_row=4, tokens_per_image=3, image_size=SIZE))
+
+
+def test_choices_follow_rates_and_depend_only_on_position():
+  rates = [0.6, 0.3, 0.1]
+  drawn = np.fromiter(mixing.choices(rates, seed=3), int, count=20_000)
+  freq = np.bincount(drawn, minlength=3) / drawn.size
+  # 5 binomial standard deviations.
+  np.testing.assert_allclose(freq, rates, atol=5 * np.sqrt(0.25 / drawn.size))
+  resumed = np.fromiter(mixing.choices(rates, seed=3, start=5_000), int, count=100)
+  np.testing.assert_array_equal(resumed, drawn[5_000:5_100])
+
+
+def test_mixture_members_and_rates(mixture_name):
+  from vlpjax.data import pipeline  # pylint: disable=g-import-not-at-top
+  found = mixing.members(mixture_name, pipeline.get_provider)
+  assert [(m.task, m.rate) for m in found] == [("plm_test_images", 0.75),
+                                                ("plm_test_text", 0.25)]
+
+
+def test_packed_batches_carry_images_and_resume_exactly(mixture_name):
+  batches = prefix_lm_pipeline.PrefixLMBatches(_config(mixture_name), global_batch_size=4,
+                                               seed=0)
+  first = [next(batches) for _ in range(5)]
+  counts = batches.counts
+  assert counts["plm_test_images"] > counts["plm_test_text"] > 0
+  image_id = prefix_lm_pipeline.image_token_id("plm_test_images")
+  for b in first:
+    assert b["decoder_target_tokens"].shape == (4, 32)
+    assert b["images"].shape == (4, 4, SIZE, SIZE, 3)
+    # Every valid slot has its 3 image tokens in the row, and no more.
+    np.testing.assert_array_equal((b["decoder_target_tokens"] == image_id).sum(axis=1),
+                                  3 * b["image_mask"].sum(axis=1))
+    assert b["images"][b["image_mask"]].min() >= -1 and b["images"].max() <= 1
+  resumed = prefix_lm_pipeline.PrefixLMBatches(_config(mixture_name), global_batch_size=4,
+                                               seed=0, start_position=3)
+  for expected in first[3:]:
+    got = next(resumed)
+    for key in expected:
+      np.testing.assert_array_equal(got[key], expected[key], err_msg=key)
+
+
+def test_text_only_task_alone(mixture_name):
+  del mixture_name
+  batch = next(prefix_lm_pipeline.PrefixLMBatches(_config("plm_test_text"),
+                                                  global_batch_size=2, seed=1))
+  assert not batch["image_mask"].any()
+  assert batch["decoder_loss_weights"].sum() > 0

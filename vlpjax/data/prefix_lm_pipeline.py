@@ -1,0 +1,107 @@
+"""Packed prefix-LM batches from a mixture of data kinds: tasks -> mixture -> packing -> rows.
+
+Each task yields examples in the prefix-LM contract of `vlpjax/data/kinds` (inputs, targets,
+images); the pp string runs per task in tf.data (e.g. `value_range(-1, 1, key="images")`);
+`mixing.MixedStream` picks tasks by rate; `packing.pack_iter` fills rows carrying their images.
+
+Data config fields (beside task/split/pp/shuffle_buffer of `pipeline`):
+  row_length          tokens per packed row
+  max_images_per_row  image slots per row
+  tokens_per_image    positions each image takes in the token stream
+  image_size          S of the images [S, S, 3] after pp
+
+Resumption: the stream is a pure function of the seed (task order, shuffles, pp seeds, packing),
+so resuming at batch k replays and drops the first k batches: exact, at the cost of re-reading
+what was skipped (as `pipeline.train_batches` does).
+"""
+import itertools
+from typing import Dict, Iterator
+
+import numpy as np
+import seqio
+import tensorflow as tf
+
+from vlpjax.data import mixing
+from vlpjax.data import packing
+from vlpjax.data import pipeline
+from vlpjax.data import preprocessors
+
+_PP_SALT = 0x5EED
+
+
+def image_token_id(task_name: str) -> int:
+  """The `<image>` id of the task's `inputs` vocabulary."""
+  vocab = seqio.get_mixture_or_task(task_name).output_features["inputs"].vocabulary
+  return int(vocab.special_ids.image_id(0))
+
+
+def _task_examples(data_config, task_name: str, seed: int, process_index: int,
+                   process_count: int) -> Iterator[Dict[str, np.ndarray]]:
+  """Endless numpy examples of one task: shuffled, host-sharded, pp applied."""
+  task = seqio.get_mixture_or_task(task_name)
+  ds = task.get_dataset(
+      sequence_length=None, split=data_config.split, shuffle=True, seed=seed,
+      num_epochs=None, shuffle_buffer_size=data_config.shuffle_buffer,
+      shard_info=(seqio.ShardInfo(process_index, process_count)
+                  if process_count > 1 else None))
+  chain = preprocessors.parse_pp(data_config.pp)
+  base_seed = tf.constant([seed, _PP_SALT], tf.int64)
+  size = data_config.image_size
+
+  def pp(position, features):
+    example_seed = tf.random.experimental.stateless_fold_in(base_seed, position)
+    features = chain(features, example_seed)
+    images = features.get("images", tf.zeros([0, size, size, 3], tf.float32))
+    return {"inputs": tf.cast(features["inputs"], tf.int32),
+            "targets": tf.cast(features["targets"], tf.int32),
+            "images": tf.cast(images, tf.float32),
+            "id": features.get("id", tf.constant(""))}
+
+  ds = ds.enumerate().map(pp, num_parallel_calls=tf.data.AUTOTUNE)
+  return ds.prefetch(tf.data.AUTOTUNE).as_numpy_iterator()
+
+
+class PrefixLMBatches:
+  """Endless local batches of packed rows; `counts` holds examples drawn per task."""
+
+  def __init__(self, data_config, *, global_batch_size: int, seed: int,
+               start_position: int = 0, process_index: int = 0, process_count: int = 1):
+    self.local_batch = pipeline.local_batch_size(global_batch_size, process_count)
+    preprocessors.parse_pp(data_config.pp)  # Fail on typos before any work.
+    mixture = mixing.members(data_config.task, pipeline.get_provider)
+    self._stream = mixing.MixedStream(
+        mixture, lambda name, task_seed: _task_examples(
+            data_config, name, task_seed, process_index, process_count), seed)
+    image_ids = {image_token_id(m.task) for m in mixture}
+    if len(image_ids) != 1:
+      raise ValueError(f"tasks of {data_config.task!r} use different <image> ids {image_ids}: "
+                       "their vocabularies must agree.")
+    size = data_config.image_size
+    rows = packing.pack_iter(
+        (example for _, example in self._stream), row_length=data_config.row_length,
+        max_images_per_row=data_config.max_images_per_row,
+        tokens_per_image=data_config.tokens_per_image,
+        image_token_id=image_ids.pop(), image_shape=(size, size, 3))
+    self._batches = (packing.batch_rows(list(group)) for group in
+                     _chunks(rows, self.local_batch))
+    # Replaying is what makes resumption exact; see the module docstring.
+    for _ in itertools.islice(self._batches, start_position):
+      pass
+
+  @property
+  def counts(self) -> Dict[str, int]:
+    return dict(self._stream.counts)
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> Dict[str, np.ndarray]:
+    return next(self._batches)
+
+
+def _chunks(iterator, size: int):
+  while True:
+    group = list(itertools.islice(iterator, size))
+    if len(group) < size:
+      return
+    yield group
