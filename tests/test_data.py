@@ -116,20 +116,6 @@ def _encode(array, fmt):
   return buffer.getvalue()
 
 
-def test_corrupt_image_error_names_the_record():
-  good = shapes.generate_example("train", 0, image_size=32)["image"]
-  ds = tf.data.Dataset.from_tensor_slices({
-      "id": ["ok/1", "truncated/3", "garbage/7"],
-      "image": [good, good[:len(good) // 2], b"<html>404 not found</html>"]})
-  it = preprocessors.decode_image(ds).as_numpy_iterator()
-  assert next(it)["image"].shape == (32, 32, 3)
-  with pytest.raises(tf.errors.OpError, match="record 'truncated/3': cannot decode image"):
-    next(it)
-  it = preprocessors.decode_image(ds.skip(2)).as_numpy_iterator()
-  with pytest.raises(tf.errors.OpError, match="record 'garbage/7': cannot decode image"):
-    next(it)
-
-
 def test_jpeg_records_never_run_python(monkeypatch):
   # Python in the hot path would compete with the training loop for the GIL and
   # hang a process that exits while prefetching; shapes JPEGs must stay in TF.
@@ -241,7 +227,8 @@ def test_train_batches_shapes_and_dtypes():
   batch = next(pipeline.train_batches(_config(threads=1), global_batch_size=8, seed=0))
   assert batch["image"].shape == (8, 32, 32, 3) and batch["image"].dtype == np.float32
   assert batch["texts"].shape == (8, 12) and batch["texts"].dtype == np.int32
-  assert set(batch) == {"image", "texts"}
+  assert set(batch) == {"image", "texts", "task_index"}
+  assert batch["task_index"].dtype == np.int32 and not batch["task_index"].any()
 
 
 def test_train_batches_resume_exactly():
@@ -301,3 +288,31 @@ def test_eval_rejects_random_ops():
 def test_unknown_task_names_nearest():
   with pytest.raises(ValueError, match="Did you mean 'shapes_captions'"):
     pipeline.train_batches(_config(task="shapes_caption"), global_batch_size=8, seed=0)
+
+
+def test_image_caption_mixture_follows_rates_and_resumes():
+  shapes_tasks.register_shapes_task("test_shapes_other", image_size=32,
+                                    split_sizes={"train": 16, "validation": 4})
+  if "test_shapes_mix" in seqio.MixtureRegistry.names():
+    seqio.MixtureRegistry.remove("test_shapes_mix")
+  seqio.MixtureRegistry.add("test_shapes_mix", [(TINY, 3.0), ("test_shapes_other", 1.0)])
+  config = _config(task="test_shapes_mix")
+  batches = pipeline.train_batches(config, global_batch_size=8, seed=5)
+  assert sorted(batches.task_names) == sorted([TINY, "test_shapes_other"])
+  tiny = batches.task_names.index(TINY)
+  seen = _take(batches, 50)
+  index = np.concatenate([b["task_index"] for b in seen])
+  # 400 draws at rate 3/4: standard deviation 0.022, so 0.09 is four of them.
+  assert abs(np.mean(index == tiny) - 0.75) < 0.09
+  total = {}
+  for b in seen:
+    for name, n in batches.task_counts(b).items():
+      total[name] = total.get(name, 0) + n
+  assert total == {TINY: int(np.sum(index == tiny)),
+                   "test_shapes_other": int(np.sum(index == 1 - tiny))}
+  # The stream is a function of the seed and the position: resuming at batch 20 matches.
+  resumed = pipeline.train_batches(config, global_batch_size=8, seed=5, start_position=20)
+  for expected in seen[20:24]:
+    got = next(resumed)
+    np.testing.assert_array_equal(got["task_index"], expected["task_index"])
+    np.testing.assert_array_equal(got["image"], expected["image"])

@@ -207,5 +207,16 @@ def test_corrupt_record_stops_with_its_id_and_step(tmp_path):
   config = make_config(arg="steps=2,batch=16,size=16,eval_every=0", overrides=[
       "input.task=user_bad_tfrecord", f"input.files={{'train': '{path}'}}",
       "input.pp=resize(16)|value_range(-1, 1)", "input.shuffle_buffer=1"])
-  with pytest.raises(trainer.InputError, match=r"step 1: .*record 'user/bad-5'"):
+  with pytest.raises(trainer.InputError,
+                     match=r"step 1: .*split 'train', record id 'user/bad-5': corrupt image"):
     trainer.Loop(config, str(tmp_path / "w")).run()
+  # The same data under the skip policy trains, and the log says what was dropped.
+  config = config_lib.finalize(config, ["input.bad_records=skip", "log_every_steps=1",
+                                        "checkpoint.every_steps=0"])
+  assert trainer.Loop(config, str(tmp_path / "skip")).run()["final_step"] == 2
+  with open(tmp_path / "skip" / "metrics.jsonl") as f:
+    logged = [json.loads(line) for line in f]
+  data = [m for m in logged if "data/skipped" in m]
+  assert [m["data/examples/user_bad_tfrecord"] for m in data] == [16, 32]
+  assert data[-1]["data/skipped/corrupt_image"] >= 1
+  assert data[-1]["data/skipped"] == data[-1]["data/skipped/corrupt_image"]

@@ -65,6 +65,9 @@ def defaults() -> ConfigDict:
       shuffle_buffer=10_000,
       keys=(),                  # features the model reads; () = the data's default
       threads=0,                # tf.data thread pool size; 0 = tf.data's default
+      bad_records="error",      # error | skip: stop naming the record, or skip and count
+      use_cached=False,         # read the tasks' offline Beam cache (docs/data.md)
+      cache_dir="",             # where that cache is, if not in seqio's global dirs
   ))
   c.data_modules = ["data_mixtures"]  # imported so their seqio tasks are registered
 
@@ -74,6 +77,9 @@ def defaults() -> ConfigDict:
   c.checkpoint = ConfigDict(dict(every_steps=1000, max_to_keep=3, async_save=True))
   return c
 
+
+# Keys with a closed set of values, checked before any work.
+_CHOICES = {"input.bad_records": ("error", "skip")}
 
 # Sections whose contents are checked by their consumer rather than by `defaults()`.
 _OPEN_SECTIONS = ("model", "evals", "input.files")
@@ -137,6 +143,12 @@ def finalize(config: ConfigDict, overrides: Iterable[str] = ()) -> ConfigDict:
   missing = [k for k, v in _flatten(merged) if v is None]
   if missing:
     raise ConfigError(f"config is missing required keys: {', '.join(missing)}.")
+  for key, allowed in _CHOICES.items():
+    section, leaf = key.rsplit(".", 1)
+    value = merged[section][leaf]
+    if value not in allowed:
+      raise ConfigError(f"config key {key!r} is {value!r}{_did_you_mean(str(value), allowed)}; "
+                        f"valid values: {', '.join(allowed)}.")
   if merged.global_batch_size % merged.grad_accum_steps:
     raise ConfigError(f"global_batch_size={merged.global_batch_size} is not divisible by "
                       f"grad_accum_steps={merged.grad_accum_steps}.")

@@ -2,6 +2,7 @@
 
 Every model family runs through it via the family interface (`vlpjax/families`).
 """
+import collections
 import dataclasses
 import importlib
 import os
@@ -13,6 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import seqio
 import tensorflow as tf
 
 from vlpjax import checkpoint as checkpoint_lib
@@ -74,6 +76,9 @@ def import_data_modules(config) -> None:
       raise config_lib.ConfigError(f"config.data_modules: cannot import {name!r}: {e}") from e
   if config.input.files:
     tasks.register_image_caption_tfrecord_task(config.input.task, config.input.files.to_dict())
+  if config.input.cache_dir:
+    # Where `seqio_cache_tasks` wrote the cache (read when input.use_cached is set).
+    seqio.add_global_cache_dirs([config.input.cache_dir])
 
 
 def _check_batch_divisibility(config, mesh) -> None:
@@ -184,21 +189,27 @@ class Loop:
     evaluators = build_evaluators(config, setup.family, setup.mesh)
     writer = metrics_lib.make_writer(workdir, self.is_lead)
 
-    state, data_position = self._restore_or_init(setup, ckpt)
+    state, meta = self._restore_or_init(setup, ckpt)
+    data_position = int(meta["data_position"])
+    # Examples consumed per task since step 0 (carried in checkpoints), logged as data/*.
+    self.task_counts = collections.Counter(meta.get("task_counts", {}))
     start = int(state["step"])
     batches = pipeline.train_batches(
         config.input, global_batch_size=config.global_batch_size, seed=config.seed,
         start_position=data_position, process_index=jax.process_index(),
         process_count=jax.process_count())
+    self.skipped = batches.skipped
     progress = metrics_lib.Progress(config.total_steps, config.global_batch_size, start)
     self.eval_seconds = 0.0
     t_start = time.perf_counter()
     results: Dict[str, Any] = {}
-    pending: Optional[tuple] = None  # (step, device metrics) not yet checked on the host
+    # (step, device metrics, data counts at that step) not yet checked on the host.
+    pending: Optional[tuple] = None
 
     try:
       for step in range(start, config.total_steps):
         local = _next_batch(batches, step + 1)
+        self.task_counts.update(batches.task_counts(local))
         if step == start:
           _check_batch(local, setup)
         batch = sharding.global_batch(
@@ -208,7 +219,7 @@ class Loop:
         # Check the previous step's metrics while this one runs: no stall in the loop.
         if pending is not None:
           self._handle_metrics(*pending, progress, writer)
-        pending = (done, step_metrics)
+        pending = (done, step_metrics, self._data_scalars())
         if step == start:
           jax.block_until_ready(state["step"])
           progress.start(done)
@@ -217,7 +228,8 @@ class Loop:
           self._handle_metrics(*pending, progress, writer)  # never save a NaN state
           pending = None
           if ckpt.should_save(done, config.total_steps):
-            ckpt.save(done, state, {"data_position": data_position + done - start})
+            ckpt.save(done, state, {"data_position": data_position + done - start,
+                                    "task_counts": dict(self.task_counts)})
             print(f"checkpoint saved at step {done}", flush=True)
           results.update(self._run_evals(evaluators, state, done, writer))
       if pending is not None:
@@ -234,6 +246,8 @@ class Loop:
       print(f"done: steps {start}..{config.total_steps} in {metrics_lib.duration(total)} "
             f"({metrics_lib.duration(total - self.eval_seconds)} training incl. compilation, "
             f"{metrics_lib.duration(self.eval_seconds)} evals); workdir {workdir}", flush=True)
+      print(f"data: examples per task {dict(self.task_counts)}; bad records skipped "
+            f"{self.skipped.counts or 0}", flush=True)
     results["state"] = state
     return results
 
@@ -241,20 +255,29 @@ class Loop:
     latest = ckpt.latest_step()
     if latest is None:
       logging.info("No checkpoint in %s: starting from scratch.", self.workdir)
-      return setup.init_state(), 0
+      return setup.init_state(), {"data_position": 0}
     target = checkpoint_lib.abstract_with_shardings(setup.abstract_state,
                                                     setup.state_shardings)
     state, meta = ckpt.restore(latest, target)
     print(f"resuming from checkpoint step {latest}", flush=True)
-    return state, int(meta["data_position"])
+    return state, meta
 
-  def _handle_metrics(self, step, device_metrics, progress, writer):
+  def _handle_metrics(self, step, device_metrics, data_scalars, progress, writer):
     scalars = metrics_lib.to_host_scalars(device_metrics)
     _check_finite(step, scalars)
     if step % self.config.log_every_steps == 0 or step == self.config.total_steps:
       rate = progress.rate(step)
-      writer.write_scalars(step, {f"train/{k}": v for k, v in {**scalars, **rate}.items()})
+      writer.write_scalars(step, {**{f"train/{k}": v for k, v in {**scalars, **rate}.items()},
+                                  **data_scalars})
       progress.report(step, scalars, rate)
+
+  def _data_scalars(self) -> Dict[str, float]:
+    """Examples read per task and bad records skipped (by reason), since step 0."""
+    out = {f"data/examples/{task}": n for task, n in self.task_counts.items()}
+    skipped = self.skipped.counts
+    out["data/skipped"] = sum(skipped.values())
+    out.update({f"data/skipped/{reason}": n for reason, n in skipped.items()})
+    return out
 
   @staticmethod
   def _eval_due(evaluators, step) -> bool:

@@ -35,6 +35,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 import tensorflow as tf
 
+from vlpjax.data import records
 from vlpjax.data import shapes
 
 SPLIT_SIZES = {"train": 5_000, "validation": 500}
@@ -191,23 +192,12 @@ def validate_record(record) -> None:
 
 
 def split_size(split: str, num_examples: Optional[int] = None) -> int:
-  if num_examples is not None:
-    return num_examples
-  if split not in SPLIT_SIZES:
-    raise ValueError(f"Unknown documents split {split!r}; known: {sorted(SPLIT_SIZES)}.")
-  return SPLIT_SIZES[split]
+  return records.split_size("documents", SPLIT_SIZES, split, num_examples)
 
 
-@functools.lru_cache(maxsize=8)
 def _records(split: str, page_size: int, num_examples: int) -> List[Dict]:
   # Built once per process; epochs after the first are cheap.
-  return [generate_example(split, i, page_size) for i in range(num_examples)]
-
-
-def _ragged(rows, dtype) -> tf.RaggedTensor:
-  flat = [v for row in rows for v in row]
-  return tf.RaggedTensor.from_row_lengths(
-      tf.constant(flat, dtype=dtype), [len(row) for row in rows])
+  return records.generated(generate_example, split, num_examples, page_size)
 
 
 _SCALARS = {"id": tf.string, "image": tf.string, "width": tf.int64,
@@ -218,10 +208,10 @@ _LISTS = {"words": tf.string, "boxes": tf.float32}
 def make_dataset(split: str, page_size: int = 128,
                  num_examples: Optional[int] = None) -> tf.data.Dataset:
   """Records with the fields and dtypes of the module docstring."""
-  records = _records(split, page_size, split_size(split, num_examples))
-  columns = {k: tf.constant([r[k] for r in records], dtype)
+  rows = _records(split, page_size, split_size(split, num_examples))
+  columns = {k: tf.constant([r[k] for r in rows], dtype)
              for k, dtype in _SCALARS.items()}
-  columns.update({k: _ragged([r[k] for r in records], dtype)
+  columns.update({k: records.ragged([r[k] for r in rows], dtype)
                   for k, dtype in _LISTS.items()})
   return tf.data.Dataset.from_tensor_slices(columns)
 
@@ -241,29 +231,14 @@ def feature_description() -> Dict[str, object]:
 
 
 def to_tf_example(record: Dict) -> tf.train.Example:
-  def feature(values, dtype):
-    if dtype == tf.string:
-      return tf.train.Feature(bytes_list=tf.train.BytesList(
-          value=[v.encode("utf-8") if isinstance(v, str) else v for v in values]))
-    if dtype == tf.int64:
-      return tf.train.Feature(int64_list=tf.train.Int64List(value=values))
-    return tf.train.Feature(float_list=tf.train.FloatList(value=values))
-  features = {k: feature([record[k]], dtype) for k, dtype in _SCALARS.items()}
-  features.update({k: feature(record[k], dtype) for k, dtype in _LISTS.items()})
+  features = {k: records.feature([record[k]], dtype) for k, dtype in _SCALARS.items()}
+  features.update({k: records.feature(record[k], dtype) for k, dtype in _LISTS.items()})
   return tf.train.Example(features=tf.train.Features(feature=features))
 
 
 def write_tfrecords(split: str, path: str, page_size: int = 128,
                     num_examples: Optional[int] = None, num_shards: int = 1) -> List[str]:
   """Writes the split as tf.train.Examples; file naming as in `shapes.write_tfrecords`."""
-  records = _records(split, page_size, split_size(split, num_examples))
-  names = ([path] if num_shards == 1 else
-           [f"{path}-{i:05d}-of-{num_shards:05d}" for i in range(num_shards)])
-  writers = [tf.io.TFRecordWriter(name) for name in names]
-  try:
-    for i, record in enumerate(records):
-      writers[i % num_shards].write(to_tf_example(record).SerializeToString())
-  finally:
-    for writer in writers:
-      writer.close()
-  return names
+  return records.write_tfrecords(
+      _records(split, page_size, split_size(split, num_examples)), path,
+      to_tf_example, num_shards)

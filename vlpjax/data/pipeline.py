@@ -5,11 +5,16 @@ Data config fields (an ml_collections.ConfigDict or anything with `.get`):
   split           split name, e.g. "train" / "validation"
   pp              pp op string, see vlpjax.data.preprocessors (may be "")
   text_length     `texts` is truncated / padded with 0 to this length
-  shuffle_buffer  examples in the shuffle buffer (tasks; a Mixture's tasks use
-                  their own `shuffle_buffer_size`, since seqio does not take one)
+  shuffle_buffer  examples in each task's shuffle buffer
   keys            optional; features to keep (default: image, texts)
   threads         optional; tf.data's own thread pool size (default: one per
                   core), to leave cores to the training loop on small machines
+  bad_records     optional; "error" (default) or "skip" (see bad_records.py)
+  use_cached      optional; read the tasks' offline (Beam) cache (see cache.py)
+
+A Mixture is sampled here by its rates (position p's task depends only on the
+seed and p), so every batch says which task each example came from
+(`task_index`) and the bad-record policy knows the task it reports.
 
 Task names are looked up after `import data_mixtures`, done here on a miss, so
 the embedded tasks always resolve; tasks of other modules must be registered
@@ -36,6 +41,8 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
+from vlpjax.data import bad_records
+from vlpjax.data import mixing
 from vlpjax.data import preprocessors
 from vlpjax.registry import unknown_name_message
 
@@ -90,17 +97,100 @@ def local_batch_size(global_batch_size: int, process_count: int) -> int:
   return global_batch_size // process_count
 
 
-def _task_dataset(data_config, *, shuffle: bool, seed: int, num_epochs: Optional[int],
-                  process_index: int, process_count: int) -> tf.data.Dataset:
-  provider = get_provider(data_config.task)
+class TrainBatches:
+  """Endless local batches; also the input statistics the trainer logs.
+
+  `task_names[i]` is the task of examples whose `task_index` is i (every batch
+  carries `task_index` int32 [b]); `skipped` counts records dropped under
+  `input.bad_records='skip'`, by reason, as they are read (read-ahead included).
+  """
+
+  def __init__(self, ds: tf.data.Dataset, task_names: Sequence[str],
+               skipped: bad_records.SkipCounter):
+    self.task_names = list(task_names)
+    self.skipped = skipped
+    self._iterator = ds.as_numpy_iterator()
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> Dict[str, np.ndarray]:
+    return next(self._iterator)
+
+  def task_counts(self, batch: Dict[str, np.ndarray]) -> Dict[str, int]:
+    """Examples of each task in `batch`."""
+    counts = np.bincount(batch["task_index"], minlength=len(self.task_names))
+    return {name: int(n) for name, n in zip(self.task_names, counts)}
+
+
+def task_dataset(data_config, task_name: str, *, shuffle: bool, seed: int,
+                 num_epochs: Optional[int], process_index: int, process_count: int,
+                 skipped: Optional[bad_records.SkipCounter] = None,
+                 sequence_length: Optional[Dict[str, int]] = None) -> tf.data.Dataset:
+  """One task's records for this process, with the run's bad-record policy applied.
+
+  Every input path (two-tower batches, packed prefix-LM batches, tools) reads a
+  task through here, so sharding, caching and the bad-record policy are the same.
+  """
+  task = seqio.get_mixture_or_task(task_name)
   kwargs = dict(
-      sequence_length={"texts": data_config.text_length}, split=data_config.split,
-      shuffle=shuffle, seed=seed, num_epochs=num_epochs,
+      sequence_length=sequence_length, split=data_config.split, shuffle=shuffle, seed=seed,
+      num_epochs=num_epochs, use_cached=bool(data_config.get("use_cached", False)),
       shard_info=(seqio.ShardInfo(process_index, process_count)
                   if process_count > 1 else None))
-  if shuffle and isinstance(provider, seqio.Task):
+  if shuffle:
     kwargs["shuffle_buffer_size"] = data_config.shuffle_buffer
-  return provider.get_dataset(**kwargs)
+  ds = task.get_dataset(**kwargs)
+  return bad_records.apply_policy(
+      ds, policy=data_config.get("bad_records", "error"), task=task_name,
+      split=data_config.split, counter=skipped or bad_records.SkipCounter())
+
+
+def _mixture_choices(rates: Sequence[float], seed: int) -> tf.data.Dataset:
+  """Endless task indices; the choice at position p depends only on (seed, p)."""
+  logits = tf.math.log(tf.constant([rates], tf.float32))
+
+  def choose(position):
+    sample = tf.random.stateless_categorical(logits, 1, seed=tf.stack(
+        [tf.constant(seed, tf.int64), position]))
+    return tf.cast(sample[0, 0], tf.int64)
+
+  return tf.data.Dataset.counter().map(choose)
+
+
+def _task_dataset(data_config, *, shuffle: bool, seed: int, num_epochs: Optional[int],
+                  process_index: int, process_count: int,
+                  skipped: Optional[bad_records.SkipCounter] = None):
+  """(records of the task or mixture with `task_index`, task names).
+
+  A mixture is sampled by rate here, not by seqio.Mixture, so each task gets the
+  bad-record policy with its own name and every example says which task it is
+  from (per-task counts). One pass (num_epochs=1, evaluation) reads the tasks one
+  after the other instead.
+  """
+  members = mixing.members(data_config.task, get_provider)
+  sequence_length = {"texts": data_config.text_length}
+  datasets = []
+  for i, member in enumerate(members):
+    ds = task_dataset(data_config, member.task, shuffle=shuffle, seed=seed + i,
+                      num_epochs=num_epochs, process_index=process_index,
+                      process_count=process_count, skipped=skipped,
+                      sequence_length=sequence_length)
+    datasets.append(ds.map(lambda f, i=i: {**f, "task_index": tf.constant(i, tf.int32)}))
+  names = [m.task for m in members]
+  specs = {name: ds.element_spec for name, ds in zip(names, datasets)}
+  if len({repr(sorted(spec.items())) for spec in specs.values()}) > 1:
+    raise ValueError(f"the tasks of mixture {data_config.task!r} yield different features "
+                     f"and cannot be batched together: {specs}")
+  if len(datasets) == 1:
+    return datasets[0], names
+  if num_epochs is not None:
+    combined = datasets[0]
+    for ds in datasets[1:]:
+      combined = combined.concatenate(ds)
+    return combined, names
+  choices = _mixture_choices([m.rate for m in members], seed)
+  return tf.data.Dataset.choose_from_datasets(datasets, choices), names
 
 
 def _select(features: Dict[str, tf.Tensor], keys: Sequence[str], text_length: int):
@@ -116,7 +206,7 @@ def _select(features: Dict[str, tf.Tensor], keys: Sequence[str], text_length: in
       v = tf.cast(preprocessors.pad_to_length(v, text_length), tf.int32)
     elif k == "image":
       v = tf.cast(v, tf.float32)
-    elif k == "label":
+    elif k in ("label", "task_index"):
       v = tf.cast(v, tf.int32)
     out[k] = v
   return out
@@ -130,15 +220,15 @@ def _with_options(ds: tf.data.Dataset, data_config) -> tf.data.Dataset:
   return ds.with_options(options)
 
 
-def train_dataset(data_config, *, global_batch_size: int, seed: int,
-                  start_position: int = 0, process_index: int = 0,
-                  process_count: int = 1) -> tf.data.Dataset:
-  """The dataset behind `train_batches` (for inspection tools)."""
+def _train_dataset(data_config, *, global_batch_size: int, seed: int, start_position: int,
+                   process_index: int, process_count: int,
+                   skipped: Optional[bad_records.SkipCounter] = None):
   local_batch = local_batch_size(global_batch_size, process_count)
   chain = preprocessors.parse_pp(data_config.pp)  # Fail on typos before any work.
-  keys = tuple(data_config.get("keys", None) or DEFAULT_KEYS)
-  ds = _task_dataset(data_config, shuffle=True, seed=seed, num_epochs=None,
-                     process_index=process_index, process_count=process_count)
+  keys = tuple(data_config.get("keys", None) or DEFAULT_KEYS) + ("task_index",)
+  ds, names = _task_dataset(data_config, shuffle=True, seed=seed, num_epochs=None,
+                            process_index=process_index, process_count=process_count,
+                            skipped=skipped)
   base_seed = tf.constant([seed, _PP_SALT], tf.int64)
 
   def pp(position, features):
@@ -150,22 +240,34 @@ def train_dataset(data_config, *, global_batch_size: int, seed: int,
   ds = ds.enumerate().skip(start_position * local_batch)
   ds = ds.map(pp, num_parallel_calls=tf.data.AUTOTUNE)
   ds = ds.batch(local_batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
-  return _with_options(ds, data_config)
+  return _with_options(ds, data_config), names
+
+
+def train_dataset(data_config, *, global_batch_size: int, seed: int,
+                  start_position: int = 0, process_index: int = 0,
+                  process_count: int = 1) -> tf.data.Dataset:
+  """The dataset behind `train_batches` (for inspection tools and benchmarks)."""
+  return _train_dataset(data_config, global_batch_size=global_batch_size, seed=seed,
+                        start_position=start_position, process_index=process_index,
+                        process_count=process_count)[0]
 
 
 def train_batches(data_config, *, global_batch_size: int, seed: int,
                   start_position: int = 0, process_index: int = 0,
-                  process_count: int = 1) -> Iterator[Dict[str, np.ndarray]]:
+                  process_count: int = 1) -> TrainBatches:
   """Endless local batches (global_batch_size // process_count examples each).
 
   `start_position` is the number of batches already consumed (saved with the
   checkpoint); see the module docstring for how resumption stays exact.
-  Yields {"image": float32 [b, H, W, 3], "texts": int32 [b, text_length], ...}.
+  Yields {"image": float32 [b, H, W, 3], "texts": int32 [b, text_length],
+  "task_index": int32 [b], ...}.
   """
-  return train_dataset(
+  skipped = bad_records.SkipCounter()
+  ds, names = _train_dataset(
       data_config, global_batch_size=global_batch_size, seed=seed,
       start_position=start_position, process_index=process_index,
-      process_count=process_count).as_numpy_iterator()
+      process_count=process_count, skipped=skipped)
+  return TrainBatches(ds, names, skipped)
 
 
 def _count(ds: tf.data.Dataset) -> int:
@@ -187,7 +289,7 @@ def count_examples(data_config, process_count: int = 1) -> List[int]:
   if key not in _counts_cache:
     _counts_cache[key] = [
         _count(_task_dataset(data_config, shuffle=False, seed=_EVAL_SEED, num_epochs=1,
-                             process_index=i, process_count=process_count))
+                             process_index=i, process_count=process_count)[0])
         for i in range(process_count)]
   return list(_counts_cache[key])
 
@@ -217,8 +319,8 @@ def eval_dataset(data_config, *, global_batch_size: int, process_index: int = 0,
   # the last steps would wait for a process that has stopped.
   counts = count_examples(data_config, process_count)
   num_batches = math.ceil(max(counts) / local_batch)
-  ds = _task_dataset(data_config, shuffle=False, seed=_EVAL_SEED, num_epochs=1,
-                     process_index=process_index, process_count=process_count)
+  ds, _ = _task_dataset(data_config, shuffle=False, seed=_EVAL_SEED, num_epochs=1,
+                        process_index=process_index, process_count=process_count)
   keys = list(data_config.get("keys", None) or DEFAULT_KEYS)
   if "label" in ds.element_spec and "label" not in keys:
     keys.append("label")

@@ -21,12 +21,14 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
+from vlpjax.data import bad_records
 from vlpjax.data import mixing
 from vlpjax.data import packing
 from vlpjax.data import pipeline
 from vlpjax.data import preprocessors
 
 _PP_SALT = 0x5EED
+_TOKEN_ALIGNED = ("input_boxes",)
 
 
 def image_token_id(task_name: str) -> int:
@@ -36,14 +38,12 @@ def image_token_id(task_name: str) -> int:
 
 
 def _task_examples(data_config, task_name: str, seed: int, process_index: int,
-                   process_count: int) -> Iterator[Dict[str, np.ndarray]]:
+                   process_count: int, skipped: bad_records.SkipCounter
+                   ) -> Iterator[Dict[str, np.ndarray]]:
   """Endless numpy examples of one task: shuffled, host-sharded, pp applied."""
-  task = seqio.get_mixture_or_task(task_name)
-  ds = task.get_dataset(
-      sequence_length=None, split=data_config.split, shuffle=True, seed=seed,
-      num_epochs=None, shuffle_buffer_size=data_config.shuffle_buffer,
-      shard_info=(seqio.ShardInfo(process_index, process_count)
-                  if process_count > 1 else None))
+  ds = pipeline.task_dataset(data_config, task_name, shuffle=True, seed=seed, num_epochs=None,
+                             process_index=process_index, process_count=process_count,
+                             skipped=skipped)
   chain = preprocessors.parse_pp(data_config.pp)
   base_seed = tf.constant([seed, _PP_SALT], tf.int64)
   size = data_config.image_size
@@ -52,26 +52,34 @@ def _task_examples(data_config, task_name: str, seed: int, process_index: int,
     example_seed = tf.random.experimental.stateless_fold_in(base_seed, position)
     features = chain(features, example_seed)
     images = features.get("images", tf.zeros([0, size, size, 3], tf.float32))
-    return {"inputs": tf.cast(features["inputs"], tf.int32),
-            "targets": tf.cast(features["targets"], tf.int32),
-            "images": tf.cast(images, tf.float32),
-            "id": features.get("id", tf.constant(""))}
+    out = {"inputs": tf.cast(features["inputs"], tf.int32),
+           "targets": tf.cast(features["targets"], tf.int32),
+           "images": tf.cast(images, tf.float32),
+           "id": features.get("id", tf.constant(""))}
+    # Optional per-input-token features that packing carries (documents' layout).
+    out.update({k: tf.cast(features[k], tf.float32) for k in _TOKEN_ALIGNED if k in features})
+    return out
 
   ds = ds.enumerate().map(pp, num_parallel_calls=tf.data.AUTOTUNE)
   return ds.prefetch(tf.data.AUTOTUNE).as_numpy_iterator()
 
 
 class PrefixLMBatches:
-  """Endless local batches of packed rows; `counts` holds examples drawn per task."""
+  """Endless local batches of packed rows.
+
+  `counts` holds examples drawn per task, `skipped` the bad records dropped by reason
+  (under input.bad_records='skip').
+  """
 
   def __init__(self, data_config, *, global_batch_size: int, seed: int,
                start_position: int = 0, process_index: int = 0, process_count: int = 1):
     self.local_batch = pipeline.local_batch_size(global_batch_size, process_count)
     preprocessors.parse_pp(data_config.pp)  # Fail on typos before any work.
     mixture = mixing.members(data_config.task, pipeline.get_provider)
+    self.skipped = bad_records.SkipCounter()
     self._stream = mixing.MixedStream(
         mixture, lambda name, task_seed: _task_examples(
-            data_config, name, task_seed, process_index, process_count), seed)
+            data_config, name, task_seed, process_index, process_count, self.skipped), seed)
     image_ids = {image_token_id(m.task) for m in mixture}
     if len(image_ids) != 1:
       raise ValueError(f"tasks of {data_config.task!r} use different <image> ids {image_ids}: "

@@ -19,6 +19,7 @@ from PIL import Image
 import seqio
 import tensorflow as tf
 
+from vlpjax.data import bad_records
 from vlpjax.data import vocab
 from vlpjax.registry import Registry
 
@@ -41,13 +42,13 @@ def image_caption_output_features(vocabulary: Optional[seqio.Vocabulary] = None)
 
 
 
-def _pil_decode(data: bytes, record_id: bytes) -> np.ndarray:
+def _pil_decode(data: bytes) -> Tuple[np.ndarray, bytes]:
+  """(image, b"") or (a 1x1 black image, b"corrupt image: why")."""
   try:
     with Image.open(io.BytesIO(data)) as image:
-      return np.asarray(image.convert("RGB"), dtype=np.uint8)
-  except Exception as e:  # pylint: disable=broad-except  (re-raised with the id)
-    name = record_id.decode("utf-8", "replace") or "<no id>"
-    raise ValueError(f"record {name!r}: cannot decode image: {e}") from e
+      return np.asarray(image.convert("RGB"), dtype=np.uint8), b""
+  except Exception as e:  # pylint: disable=broad-except  (reported as the record's problem)
+    return np.zeros([1, 1, 3], np.uint8), f"corrupt image: {e}".encode("utf-8")
 
 
 def _has(data: tf.Tensor, prefix: bytes, suffix: bytes) -> tf.Tensor:
@@ -64,30 +65,38 @@ def _is_complete_jpeg_or_png(data: tf.Tensor) -> tf.Tensor:
   return tf.logical_or(jpeg, png)
 
 
-def decode_image(ds: tf.data.Dataset, key: str = "image",
-                 id_key: str = "id") -> tf.data.Dataset:
-  """Encoded image bytes -> uint8 [H, W, 3].
+def decode_image_bytes(data: tf.Tensor) -> Tuple[tf.Tensor, tf.Tensor]:
+  """Encoded bytes -> (uint8 [H, W, 3], problem string, "" when decoded).
 
   Complete JPEG and PNG files (nearly every record) are decoded by TF in C++.
-  Anything else (garbage, truncated files, other formats) goes to PIL through
-  `tf.numpy_function`: it decodes what it can and otherwise fails with the
-  record's id in the message, which TF's decoder cannot give. Keeping Python off
-  the common path matters twice: decoding does not compete for the GIL with the
-  training loop, and a process that exits while its iterator is prefetching does
-  not hang (Python stops threads that want the GIL during shutdown, and the
-  iterator then waits for them forever). A JPEG with intact markers but corrupt
-  data still fails, but with TF's message, without the id.
+  Anything else (empty, garbage, truncated files, other formats) goes to PIL
+  through `tf.numpy_function`, which decodes what it can and otherwise returns a
+  1x1 black image and the reason, so bad records can be skipped or reported by
+  `bad_records.apply_policy` with their id. Keeping Python off the common path
+  matters twice: decoding does not compete for the GIL with the training loop,
+  and a process that exits while its iterator is prefetching does not hang
+  (Python stops threads that want the GIL during shutdown, and the iterator then
+  waits for them forever). A JPEG with intact markers but corrupt data still
+  fails inside TF, with TF's message.
   """
+  image, problem = tf.cond(
+      _is_complete_jpeg_or_png(data),
+      lambda: (tf.io.decode_image(data, channels=3, expand_animations=False),
+               tf.constant("")),
+      lambda: tuple(tf.numpy_function(_pil_decode, [data], (tf.uint8, tf.string),
+                                      stateful=False)))
+  image = tf.ensure_shape(image, [None, None, 3])
+  # An absent field parses to b"" (sources default it so parsing never fails).
+  problem = tf.where(tf.strings.length(data) > 0, problem, "missing image")
+  return image, tf.ensure_shape(problem, [])
+
+
+def decode_image(ds: tf.data.Dataset, key: str = "image") -> tf.data.Dataset:
+  """Encoded image bytes -> uint8 [H, W, 3]; undecodable -> `problem` (bad_records)."""
 
   def fn(features):
-    data = features[key]
-    record_id = features.get(id_key, tf.constant(""))
-    image = tf.cond(
-        _is_complete_jpeg_or_png(data),
-        lambda: tf.io.decode_image(data, channels=3, expand_animations=False),
-        lambda: tf.numpy_function(_pil_decode, [data, record_id], tf.uint8, stateful=False))
-    image = tf.ensure_shape(image, [None, None, 3])
-    return {**features, key: image}
+    image, problem = decode_image_bytes(features[key])
+    return bad_records.add_problem({**features, key: image}, problem)
 
   return ds.map(fn, num_parallel_calls=tf.data.AUTOTUNE)
 
@@ -126,7 +135,10 @@ def tokenize_caption(ds: tf.data.Dataset, output_features: Dict[str, seqio.Featu
   feature = output_features[out_key]
 
   def fn(features):
-    tokens = feature.vocabulary.encode_tf(features[key])
+    text = features[key]
+    features = bad_records.add_problem(features, tf.where(
+        tf.strings.length(tf.strings.strip(text)) > 0, "", f"empty {key}"))
+    tokens = feature.vocabulary.encode_tf(text)
     if feature.add_eos:
       tokens = tf.concat([tokens, [feature.vocabulary.eos_id]], axis=0)
     return {**features, out_key: tf.cast(tokens, feature.dtype)}

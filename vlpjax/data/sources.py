@@ -14,7 +14,9 @@ NO_LABEL = -1
 def image_caption_feature_description() -> Dict[str, object]:
   """How an image-caption tf.train.Example is parsed."""
   return {
-      "image": tf.io.FixedLenFeature([], tf.string),
+      # Defaults instead of parse errors: a record without an image or caption
+      # becomes a bad record ("missing image" / "empty caption") with its id.
+      "image": tf.io.FixedLenFeature([], tf.string, default_value=""),
       # Ragged, not VarLen: gives a RaggedTensor that tf.data and seqio pass
       # through cleanly; `choose_caption` picks one per example.
       "caption": tf.io.RaggedFeature(tf.string),

@@ -22,7 +22,6 @@ Record (also the `tf.train.Example` layout; lists are parsed with
 
 Exactly one of `texts[i]` and `images[i]` is non-empty (`validate_record`).
 """
-import functools
 import io
 import zlib
 from typing import Dict, List, Optional, Sequence
@@ -30,6 +29,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import tensorflow as tf
 
+from vlpjax.data import records
 from vlpjax.data import shapes
 
 SPLIT_SIZES = {"train": 5_000, "validation": 500}
@@ -156,34 +156,23 @@ def validate_record(record) -> None:
 
 
 def split_size(split: str, num_examples: Optional[int] = None) -> int:
-  if num_examples is not None:
-    return num_examples
-  if split not in SPLIT_SIZES:
-    raise ValueError(f"Unknown stories split {split!r}; known: {sorted(SPLIT_SIZES)}.")
-  return SPLIT_SIZES[split]
+  return records.split_size("stories", SPLIT_SIZES, split, num_examples)
 
 
-@functools.lru_cache(maxsize=8)
 def _records(split: str, image_size: int, num_examples: int) -> List[Dict]:
   # Built once per process; epochs after the first are cheap.
-  return [generate_example(split, i, image_size) for i in range(num_examples)]
-
-
-def _ragged(rows, dtype) -> tf.RaggedTensor:
-  flat = [v for row in rows for v in row]
-  return tf.RaggedTensor.from_row_lengths(
-      tf.constant(flat, dtype=dtype), [len(row) for row in rows])
+  return records.generated(generate_example, split, num_examples, image_size)
 
 
 def make_dataset(split: str, image_size: int = 64,
                  num_examples: Optional[int] = None) -> tf.data.Dataset:
   """Records {id: string, texts/images: string [n], image_labels: int64 [n]}."""
-  records = _records(split, image_size, split_size(split, num_examples))
+  rows = _records(split, image_size, split_size(split, num_examples))
   return tf.data.Dataset.from_tensor_slices(dict(
-      id=tf.constant([r["id"] for r in records]),
-      texts=_ragged([r["texts"] for r in records], tf.string),
-      images=_ragged([r["images"] for r in records], tf.string),
-      image_labels=_ragged([r["image_labels"] for r in records], tf.int64)))
+      id=tf.constant([r["id"] for r in rows]),
+      texts=records.ragged([r["texts"] for r in rows], tf.string),
+      images=records.ragged([r["images"] for r in rows], tf.string),
+      image_labels=records.ragged([r["image_labels"] for r in rows], tf.int64)))
 
 
 def feature_description() -> Dict[str, object]:
@@ -197,29 +186,17 @@ def feature_description() -> Dict[str, object]:
 
 
 def to_tf_example(record: Dict) -> tf.train.Example:
-  def strings(values):
-    return tf.train.Feature(bytes_list=tf.train.BytesList(
-        value=[v.encode("utf-8") if isinstance(v, str) else v for v in values]))
   return tf.train.Example(features=tf.train.Features(feature={
-      "id": strings([record["id"]]),
-      "texts": strings(record["texts"]),
-      "images": strings(record["images"]),
-      "image_labels": tf.train.Feature(int64_list=tf.train.Int64List(
-          value=[int(v) for v in record["image_labels"]])),
+      "id": records.bytes_feature([record["id"]]),
+      "texts": records.bytes_feature(record["texts"]),
+      "images": records.bytes_feature(record["images"]),
+      "image_labels": records.int64_feature(record["image_labels"]),
   }))
 
 
 def write_tfrecords(split: str, path: str, image_size: int = 64,
                     num_examples: Optional[int] = None, num_shards: int = 1) -> List[str]:
   """Writes the split as tf.train.Examples; file naming as in `shapes.write_tfrecords`."""
-  records = _records(split, image_size, split_size(split, num_examples))
-  names = ([path] if num_shards == 1 else
-           [f"{path}-{i:05d}-of-{num_shards:05d}" for i in range(num_shards)])
-  writers = [tf.io.TFRecordWriter(name) for name in names]
-  try:
-    for i, record in enumerate(records):
-      writers[i % num_shards].write(to_tf_example(record).SerializeToString())
-  finally:
-    for writer in writers:
-      writer.close()
-  return names
+  return records.write_tfrecords(
+      _records(split, image_size, split_size(split, num_examples)), path,
+      to_tf_example, num_shards)

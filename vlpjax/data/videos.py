@@ -24,7 +24,6 @@ Record (also the `tf.train.Example` layout; lists are parsed with
 
 Events and speech are sorted by start time.
 """
-import functools
 import io
 import zlib
 from typing import Dict, List, Optional
@@ -33,6 +32,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 import tensorflow as tf
 
+from vlpjax.data import records
 from vlpjax.data import shapes
 
 SPLIT_SIZES = {"train": 2_000, "validation": 200}
@@ -224,18 +224,13 @@ def validate_record(record) -> None:
 
 
 def split_size(split: str, num_examples: Optional[int] = None) -> int:
-  if num_examples is not None:
-    return num_examples
-  if split not in SPLIT_SIZES:
-    raise ValueError(f"Unknown videos split {split!r}; known: {sorted(SPLIT_SIZES)}.")
-  return SPLIT_SIZES[split]
+  return records.split_size("videos", SPLIT_SIZES, split, num_examples)
 
 
-@functools.lru_cache(maxsize=8)
 def _records(split: str, num_frames: int, frame_size: int,
              num_examples: int) -> List[Dict]:
   # Built once per process; epochs after the first are cheap.
-  return [generate_example(split, i, num_frames, frame_size) for i in range(num_examples)]
+  return records.generated(generate_example, split, num_examples, num_frames, frame_size)
 
 
 _LISTS = {"frames": tf.string, "start": tf.float32, "end": tf.float32,
@@ -243,19 +238,13 @@ _LISTS = {"frames": tf.string, "start": tf.float32, "end": tf.float32,
           "speech_text": tf.string}
 
 
-def _ragged(rows, dtype) -> tf.RaggedTensor:
-  flat = [v for row in rows for v in row]
-  return tf.RaggedTensor.from_row_lengths(
-      tf.constant(flat, dtype=dtype), [len(row) for row in rows])
-
-
 def make_dataset(split: str, num_frames: int = 16, frame_size: int = 32,
                  num_examples: Optional[int] = None) -> tf.data.Dataset:
   """Records with the fields and dtypes of the module docstring."""
-  records = _records(split, num_frames, frame_size, split_size(split, num_examples))
-  columns = {k: _ragged([r[k] for r in records], dtype) for k, dtype in _LISTS.items()}
-  columns["id"] = tf.constant([r["id"] for r in records])
-  columns["duration"] = tf.constant([r["duration"] for r in records], tf.float32)
+  rows = _records(split, num_frames, frame_size, split_size(split, num_examples))
+  columns = {k: records.ragged([r[k] for r in rows], dtype) for k, dtype in _LISTS.items()}
+  columns["id"] = tf.constant([r["id"] for r in rows])
+  columns["duration"] = tf.constant([r["duration"] for r in rows], tf.float32)
   return tf.data.Dataset.from_tensor_slices(columns)
 
 
@@ -268,28 +257,15 @@ def feature_description() -> Dict[str, object]:
 
 
 def to_tf_example(record: Dict) -> tf.train.Example:
-  def feature(values, dtype):
-    if dtype == tf.string:
-      return tf.train.Feature(bytes_list=tf.train.BytesList(
-          value=[v.encode("utf-8") if isinstance(v, str) else v for v in values]))
-    return tf.train.Feature(float_list=tf.train.FloatList(value=values))
-  features = {k: feature(record[k], dtype) for k, dtype in _LISTS.items()}
-  features["id"] = feature([record["id"]], tf.string)
-  features["duration"] = feature([record["duration"]], tf.float32)
+  features = {k: records.feature(record[k], dtype) for k, dtype in _LISTS.items()}
+  features["id"] = records.bytes_feature([record["id"]])
+  features["duration"] = records.float_feature([record["duration"]])
   return tf.train.Example(features=tf.train.Features(feature=features))
 
 
 def write_tfrecords(split: str, path: str, num_frames: int = 16, frame_size: int = 32,
                     num_examples: Optional[int] = None, num_shards: int = 1) -> List[str]:
   """Writes the split as tf.train.Examples; file naming as in `shapes.write_tfrecords`."""
-  records = _records(split, num_frames, frame_size, split_size(split, num_examples))
-  names = ([path] if num_shards == 1 else
-           [f"{path}-{i:05d}-of-{num_shards:05d}" for i in range(num_shards)])
-  writers = [tf.io.TFRecordWriter(name) for name in names]
-  try:
-    for i, record in enumerate(records):
-      writers[i % num_shards].write(to_tf_example(record).SerializeToString())
-  finally:
-    for writer in writers:
-      writer.close()
-  return names
+  return records.write_tfrecords(
+      _records(split, num_frames, frame_size, split_size(split, num_examples)), path,
+      to_tf_example, num_shards)
