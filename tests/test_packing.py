@@ -408,3 +408,112 @@ def test_attention_mask_random_rows_numpy_and_jax():
     assert not want[b][:, s == 0].any() and not want[b][s == 0].any()
     targets = np.flatnonzero(lw == 1)
     assert not np.any(np.triu(want[b], 1)[targets])
+
+
+# ----------------------------------------------------------------------------------
+# Layout boxes (input_boxes -> decoder_boxes)
+# ----------------------------------------------------------------------------------
+
+
+def _boxes(rng, inputs):
+  """Distinct per-token boxes; 0 on image placeholders, as document tasks give them."""
+  boxes = rng.uniform(0.01, 1.0, size=(len(inputs), 4)).astype(np.float32)
+  boxes[np.asarray(inputs) == IMG] = 0
+  return boxes
+
+
+def test_convert_example_boxes_hand_checked():
+  a, b = [0.1, 0.2, 0.3, 0.4], [0.5, 0.6, 0.7, 0.8]
+  images = _images(np.random.default_rng(11), 1)
+  # The module docstring's example: the placeholder's own row is ignored (zeroed).
+  ex = _example([5, IMG, 6], [7, 1], images, input_boxes=[a, [9, 9, 9, 9], b])
+  got = packing.convert_example(ex, tokens_per_image=2, image_token_id=IMG)
+  np.testing.assert_array_equal(got["decoder_input_tokens"], [0, 5, IMG, IMG, 6, 7])
+  np.testing.assert_array_equal(
+      got["decoder_boxes"], np.asarray([[0] * 4, a, [0] * 4, [0] * 4, b, [0] * 4], np.float32))
+  assert got["decoder_boxes"].dtype == np.float32
+  assert "decoder_boxes" not in packing.convert_example(
+      _example([5], [1]), tokens_per_image=2, image_token_id=IMG)
+  with pytest.raises(ValueError, match=r"'bx'.*input_boxes have shape \[2, 4\].*\[3, 4\]"):
+    packing.convert_example(_example([5, 6, 7], [1], input_boxes=np.zeros((2, 4)), id="bx"),
+                            tokens_per_image=2, image_token_id=IMG)
+
+
+def _box_of_token(ex, t):
+  """token -> box of each non-image input token (tokens are unique in these tests)."""
+  return {int(tok): box for tok, box in zip(ex["inputs"], ex["input_boxes"]) if tok != IMG
+          and tok < t}
+
+
+def _unique_example(rng, next_id, with_boxes, max_images=3):
+  """Inputs with unique text ids (so each token's box can be looked up), targets >= 5000."""
+  n_text = int(rng.integers(0, 9))
+  text = np.arange(next_id, next_id + n_text)
+  n_img = int(rng.integers(0, max_images + 1))
+  inputs = np.insert(text, np.sort(rng.integers(0, n_text + 1, size=n_img)), IMG)
+  targets = rng.integers(5000, 5100, size=int(rng.integers(1, 6)))
+  ex = _example(inputs, targets, _images(rng, n_img) if n_img else None)
+  if with_boxes:
+    ex["input_boxes"] = _boxes(rng, inputs)
+  return ex, next_id + n_text
+
+
+@pytest.mark.parametrize("row_length", [32, 12])  # 12: many examples are truncated
+def test_boxes_stay_with_their_tokens_after_packing_and_truncation(row_length):
+  rng = np.random.default_rng(12)
+  examples, next_id = [], IMG + 1  # text ids above the placeholder's
+  for i in range(200):
+    ex, next_id = _unique_example(rng, next_id, with_boxes=i % 3 != 0)
+    examples.append(ex)
+  assert next_id < 5000
+  box_of = {}
+  for ex in examples:
+    if "input_boxes" in ex:
+      box_of.update(_box_of_token(ex, 5000))
+  rows = _pack(examples, row_length=row_length, max_images_per_row=2, tokens_per_image=3)
+  n_with_box = 0
+  for row in rows:
+    _check_row_invariants(row, row_length, 2, 3)
+    # Rows of examples without boxes have none; then no token may want one below.
+    boxes = row.get("decoder_boxes", np.zeros((row_length, 4), np.float32))
+    inp = row["decoder_input_tokens"]
+    assert boxes.shape == (row_length, 4) and boxes.dtype == np.float32
+    for pos, tok in enumerate(inp):
+      want = box_of.get(int(tok), np.zeros(4, np.float32))
+      # Every input token of a boxed example has its own box, everything else 0
+      # (padding, BOS, image runs, targets, examples without boxes).
+      np.testing.assert_array_equal(boxes[pos], want, err_msg=f"position {pos}")
+      n_with_box += int(tok) in box_of
+  assert n_with_box > 100  # the check saw many boxed tokens
+
+
+def test_truncation_cuts_boxes_with_their_tokens():
+  images = _images(np.random.default_rng(13), 3)
+  inputs = [5, IMG, 6, IMG, 7, IMG]
+  boxes = np.arange(24, dtype=np.float32).reshape(6, 4)
+  ex = _example(inputs, [1, 2], images, input_boxes=boxes)
+  out = _truncate(ex, max_images_per_row=2)  # the last placeholder and its row go
+  np.testing.assert_array_equal(out["input_boxes"], boxes[:5])
+  out = _truncate(ex, row_length=8, max_images_per_row=3)  # prefix cut to [5, IMG, 6]
+  np.testing.assert_array_equal(out["inputs"], [5, IMG, 6])
+  np.testing.assert_array_equal(out["input_boxes"], boxes[:3])
+  assert "input_boxes" not in _truncate(_example([5], [1]))
+
+
+def test_rows_and_batches_with_and_without_boxes():
+  rng = np.random.default_rng(14)
+  plain = _example([3, 4], [5, 1])
+  boxed = _example([6, 7], [8, 1], input_boxes=_boxes(rng, [6, 7]))
+  row_plain, = _pack([plain], row_length=8)
+  assert "decoder_boxes" not in row_plain
+  row_always, = _pack([plain], row_length=8, with_boxes=True)
+  np.testing.assert_array_equal(row_always["decoder_boxes"], np.zeros((8, 4)))
+  row_never, = _pack([boxed], row_length=8, with_boxes=False)
+  assert "decoder_boxes" not in row_never
+  row_mixed, = _pack([plain, boxed], row_length=8)
+  np.testing.assert_array_equal(row_mixed["decoder_boxes"][:4], np.zeros((4, 4)))
+  np.testing.assert_array_equal(row_mixed["decoder_boxes"][5:7], boxed["input_boxes"])
+  batch = packing.batch_rows([row_plain, row_mixed])
+  assert batch["decoder_boxes"].shape == (2, 8, 4)
+  np.testing.assert_array_equal(batch["decoder_boxes"][0], np.zeros((8, 4)))
+  np.testing.assert_array_equal(batch["decoder_boxes"][1], row_mixed["decoder_boxes"])

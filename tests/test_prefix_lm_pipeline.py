@@ -106,3 +106,33 @@ def test_text_only_task_alone(mixture_name):
                                                   global_batch_size=2, seed=1))
   assert not batch["image_mask"].any()
   assert batch["decoder_loss_weights"].sum() > 0
+
+
+def test_all_kinds_pack_together_with_layout_and_skip_counts():
+  """Documents, videos, stories and text in one mixture: one batch format for all."""
+  from data_mixtures import documents, interleaved, videos  # pylint: disable=g-import-not-at-top
+  small = {"train": 6, "validation": 2}
+  names = {"mix_doc": 1.0, "mix_video": 1.0, "mix_story": 1.0, "mix_text": 1.0}
+  documents.register_documents_qa("mix_doc", page_size=96, image_size=16, split_sizes=small)
+  videos.register_dense_captions_task("mix_video", num_frames=2, frame_size=16,
+                                      clip_frames=4, split_sizes=small)
+  interleaved.register_stories_interleaved_task("mix_story", image_size=16, split_sizes=small,
+                                                max_images=2)
+  interleaved.register_stories_text_task("mix_text", image_size=16, split_sizes=small)
+  if "mix_all_kinds" in seqio.MixtureRegistry.names():
+    seqio.MixtureRegistry.remove("mix_all_kinds")
+  seqio.MixtureRegistry.add("mix_all_kinds", list(names.items()))
+  config = ml_collections.ConfigDict(dict(
+      task="mix_all_kinds", split="train", pp='value_range(-1, 1, key="images")',
+      shuffle_buffer=8, row_length=256, max_images_per_row=4, tokens_per_image=2,
+      image_size=16, bad_records="skip"))
+  batches = prefix_lm_pipeline.PrefixLMBatches(config, global_batch_size=2, seed=0)
+  for _ in range(4):
+    batch = next(batches)
+    assert batch["decoder_boxes"].shape == (2, 256, 4)
+    assert batch["images"].shape == (2, 4, 16, 16, 3)
+    # Boxes only where tokens are, and only inside [0, 1].
+    assert np.all(batch["decoder_boxes"][batch["decoder_segment_ids"] == 0] == 0)
+    assert batch["decoder_boxes"].min() >= 0 and batch["decoder_boxes"].max() <= 1
+  assert set(batches.counts) == set(names) and all(n > 0 for n in batches.counts.values())
+  assert batches.skipped.total == 0

@@ -42,7 +42,63 @@ def _image_caption(args) -> Iterator:
   return pipeline.train_batches(config, global_batch_size=args.batch_size, seed=0)
 
 
-KINDS: Dict[str, Callable] = {"image_caption": _image_caption}
+def _examples(task_or_mixture: str, args) -> Iterator:
+  """Batches of `batch_size` examples of a generative kind: its task, then value_range.
+
+  Generative examples differ in length, so they are counted one by one as the
+  packer receives them (task preprocessors in tf.data, then numpy), not packed.
+  """
+  from vlpjax.data import bad_records  # pylint: disable=g-import-not-at-top
+  from vlpjax.data import mixing  # pylint: disable=g-import-not-at-top
+  from vlpjax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from vlpjax.data import preprocessors  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  config = ml_collections.ConfigDict(dict(split="train", shuffle_buffer=1_000))
+  chain = preprocessors.parse_pp('value_range(-1, 1, key="images")')
+  options = tf.data.Options()
+  options.threading.private_threadpool_size = args.threads
+
+  def examples(task: str, seed: int):
+    ds = pipeline.task_dataset(config, task, shuffle=True, seed=seed, num_epochs=None,
+                               process_index=0, process_count=1,
+                               skipped=bad_records.SkipCounter())
+    ds = ds.map(lambda f: chain(f, tf.constant([seed, 0], tf.int64)),
+                num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.prefetch(tf.data.AUTOTUNE).with_options(options).as_numpy_iterator()
+
+  stream = mixing.MixedStream(mixing.members(task_or_mixture, pipeline.get_provider),
+                              examples, seed=0)
+  while True:
+    yield [next(stream) for _ in range(args.batch_size)]
+
+
+def _interleaved(args) -> Iterator:
+  """Stories with 224 px images: decode, resize, placeholders, tokenization."""
+  from data_mixtures import interleaved  # pylint: disable=g-import-not-at-top
+  interleaved.register_stories_interleaved_task(
+      "bench_interleaved_224", image_size=224, split_sizes={"train": args.examples // 4})
+  return _examples("bench_interleaved_224", args)
+
+
+def _video(args) -> Iterator:
+  """16-frame clips at 224 px: 8 frames sampled and decoded, Vid2Seq time-token targets."""
+  from data_mixtures import videos  # pylint: disable=g-import-not-at-top
+  videos.register_dense_captions_task(
+      "bench_video_224", num_frames=8, frame_size=224, clip_frames=16,
+      split_sizes={"train": args.examples // 8})
+  return _examples("bench_video_224", args)
+
+
+def _document(args) -> Iterator:
+  """256 px pages at 224 px: decode, loc tokens, the three UDOP objectives mixed."""
+  from data_mixtures import documents  # pylint: disable=g-import-not-at-top
+  documents.register_documents_udop("bench_documents_224", page_size=256, image_size=224,
+                                    split_sizes={"train": args.examples // 4})
+  return _examples("bench_documents_224", args)
+
+
+KINDS: Dict[str, Callable] = {"image_caption": _image_caption, "interleaved": _interleaved,
+                              "video": _video, "document": _document}
 
 
 def run_data(args) -> Dict:

@@ -14,7 +14,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import seqio
 import tensorflow as tf
 
 from vlpjax import checkpoint as checkpoint_lib
@@ -23,6 +22,7 @@ from vlpjax import metrics as metrics_lib
 from vlpjax import optim
 from vlpjax import sharding
 from vlpjax import train_step as train_step_lib
+from vlpjax.data import cache
 from vlpjax.data import pipeline
 from vlpjax.data import tasks
 from vlpjax.evaluators import build_evaluators
@@ -78,7 +78,7 @@ def import_data_modules(config) -> None:
     tasks.register_image_caption_tfrecord_task(config.input.task, config.input.files.to_dict())
   if config.input.cache_dir:
     # Where `seqio_cache_tasks` wrote the cache (read when input.use_cached is set).
-    seqio.add_global_cache_dirs([config.input.cache_dir])
+    cache.use_cache_dir(config.input.cache_dir)
 
 
 def _check_batch_divisibility(config, mesh) -> None:

@@ -10,6 +10,8 @@ Per-example input (a dict of numpy arrays):
   targets  int32 [n_tgt >= 1]  tokens to predict; must not contain `image_token_id`
   images   float32 [n_img, H, W, 3] in placeholder order (may be absent when n_img == 0)
   id       optional; named in error messages
+  input_boxes  optional float32 [n_in, 4]: a per-token layout box aligned with `inputs`
+           (document kinds; 0 on tokens without a box, such as image placeholders)
 
 Conversion. Each placeholder expands into `tokens_per_image` (T) consecutive
 `image_token_id` positions, where the model later scatters the T embeddings of that
@@ -49,6 +51,17 @@ image-token positions of a row in order in groups of T, the k-th group belongs t
 k-th valid slot (in `decoder_target_tokens`, and one position later in
 `decoder_input_tokens`).
 
+Layout boxes. When examples carry `input_boxes`, conversion gives `decoder_boxes`
+float32 [n, 4] aligned with `decoder_input_tokens` (the tokens the model embeds, so a
+UDOP-style model adds `layout_embedding(decoder_boxes)` to their embeddings as they are):
+each placeholder's box row expands to T zero rows, the boxes then shift right by one like
+the tokens (BOS gets 0), and target tokens get 0. In the example above, with
+input_boxes [a, 0, b]: decoder_boxes = [0, a, 0, 0, b, 0]. Rows carry `decoder_boxes`
+[row_length, 4] (0 on padding and on examples without boxes) when one of their examples
+has boxes, or always / never with `with_boxes=True / False`; `batch_rows` gives rows
+without them zeros when others in the batch have them. Truncation cuts the boxes with
+their tokens.
+
 Examples that do not fit one row (see `truncate_example`) are truncated or rejected
 (`on_too_long='truncate' | 'error'`):
   * more images than `max_images_per_row`: the trailing placeholders are removed from
@@ -68,6 +81,7 @@ Features = Dict[str, np.ndarray]
 TOKEN_FEATURES = ("decoder_target_tokens", "decoder_input_tokens", "decoder_loss_weights",
                   "decoder_causal_attention", "decoder_segment_ids", "decoder_positions")
 IMAGE_FEATURES = ("images", "image_mask", "image_segment_ids")
+BOX_FEATURE = "decoder_boxes"
 ON_TOO_LONG = ("truncate", "error")
 
 
@@ -124,6 +138,18 @@ def validate_example(example: Mapping[str, Any], *, image_token_id: int,
   return inputs.astype(np.int32), targets.astype(np.int32), images
 
 
+def _boxes_of(example: Mapping[str, Any], n_inputs: int) -> Optional[np.ndarray]:
+  """The example's `input_boxes` as float32 [n_inputs, 4], or None if it has none."""
+  boxes = example.get("input_boxes")
+  if boxes is None:
+    return None
+  boxes = np.asarray(boxes, np.float32)
+  if boxes.shape != (n_inputs, 4):
+    raise ValueError(f"{_name(example)}: input_boxes have shape {list(boxes.shape)}, "
+                     f"expected [{n_inputs}, 4] (one box per input token)")
+  return boxes
+
+
 def truncate_example(example: Mapping[str, Any], *, row_length: int, max_images_per_row: int,
                      tokens_per_image: int, image_token_id: int,
                      image_shape: Optional[Sequence[int]] = None,
@@ -137,6 +163,7 @@ def truncate_example(example: Mapping[str, Any], *, row_length: int, max_images_
     raise ValueError(f"on_too_long must be one of {ON_TOO_LONG}, got {on_too_long!r}")
   inputs, targets, images = validate_example(example, image_token_id=image_token_id,
                                              image_shape=image_shape)
+  boxes = _boxes_of(example, inputs.size)
   is_image = inputs == image_token_id
   if images.shape[0] > max_images_per_row:
     if on_too_long == "error":
@@ -146,6 +173,7 @@ def truncate_example(example: Mapping[str, Any], *, row_length: int, max_images_
     # and image k stay paired because both keep their order.
     drop = np.flatnonzero(is_image)[max_images_per_row:]
     inputs = np.delete(inputs, drop)
+    boxes = None if boxes is None else np.delete(boxes, drop, axis=0)
     images = images[:max_images_per_row]
     is_image = inputs == image_token_id
 
@@ -160,11 +188,14 @@ def truncate_example(example: Mapping[str, Any], *, row_length: int, max_images_
     # placeholder that would not fit whole stops the prefix there, so no image is split.
     n_keep = int(np.sum(np.cumsum(cost) <= row_length - 1))
     inputs = inputs[:n_keep]
+    boxes = None if boxes is None else boxes[:n_keep]
     images = images[:int(np.sum(inputs == image_token_id))]
     n_prefix = int(cost[:n_keep].sum())
     targets = targets[:row_length - n_prefix]
 
   out = {"inputs": inputs, "targets": targets, "images": images}
+  if boxes is not None:
+    out["input_boxes"] = boxes
   if "id" in example:
     out["id"] = example["id"]
   return out
@@ -174,16 +205,20 @@ def convert_example(example: Mapping[str, Any], *, tokens_per_image: int, image_
                     image_shape: Optional[Sequence[int]] = None) -> Features:
   """Unpacked prefix-LM features of one raw example (conventions in the module docstring).
 
-  Returns the six token features (int32, length = expanded inputs + targets) and
-  `images` float32 [n_img, H, W, 3]. No truncation: see `truncate_example`.
+  Returns the six token features (int32, length = expanded inputs + targets),
+  `images` float32 [n_img, H, W, 3] and, for examples with `input_boxes`,
+  `decoder_boxes` float32 [n, 4]. No truncation: see `truncate_example`.
   """
   inputs, targets, images = validate_example(example, image_token_id=image_token_id,
                                              image_shape=image_shape)
-  expanded = np.repeat(inputs, np.where(inputs == image_token_id, tokens_per_image, 1))
+  boxes = _boxes_of(example, inputs.size)
+  is_image = inputs == image_token_id
+  repeats = np.where(is_image, tokens_per_image, 1)
+  expanded = np.repeat(inputs, repeats)
   n_prefix, n = expanded.size, expanded.size + targets.size
   target_tokens = np.concatenate([expanded, targets]).astype(np.int32)
   positions = np.arange(n, dtype=np.int32)
-  return {
+  out = {
       "decoder_target_tokens": target_tokens,
       "decoder_input_tokens": np.concatenate([[0], target_tokens[:-1]]).astype(np.int32),
       "decoder_loss_weights": (positions >= n_prefix).astype(np.int32),
@@ -193,6 +228,12 @@ def convert_example(example: Mapping[str, Any], *, tokens_per_image: int, image_
       "decoder_positions": positions,
       "images": images,
   }
+  if boxes is not None:
+    # Aligned with the target tokens first, then shifted like decoder_input_tokens.
+    aligned = np.zeros((n, 4), np.float32)
+    aligned[:n_prefix] = np.repeat(np.where(is_image[:, None], 0.0, boxes), repeats, axis=0)
+    out[BOX_FEATURE] = np.concatenate([np.zeros((1, 4), np.float32), aligned[:-1]])
+  return out
 
 
 class _OpenRow:
@@ -214,9 +255,16 @@ class _OpenRow:
 
 
 def _finish_row(examples: Sequence[Features], row_length: int, max_images: int,
-                image_shape: Sequence[int]) -> Features:
-  """Lays converted examples side by side, numbering segments 1.. in order."""
+                image_shape: Sequence[int], with_boxes: Optional[bool] = None) -> Features:
+  """Lays converted examples side by side, numbering segments 1.. in order.
+
+  The row has `decoder_boxes` if `with_boxes`, or (None) if an example has boxes.
+  """
+  if with_boxes is None:
+    with_boxes = any(BOX_FEATURE in ex for ex in examples)
   row = {k: np.zeros(row_length, np.int32) for k in TOKEN_FEATURES}
+  if with_boxes:
+    row[BOX_FEATURE] = np.zeros((row_length, 4), np.float32)
   row["images"] = np.zeros((max_images,) + tuple(image_shape), np.float32)
   row["image_mask"] = np.zeros(max_images, bool)
   row["image_segment_ids"] = np.zeros(max_images, np.int32)
@@ -227,6 +275,8 @@ def _finish_row(examples: Sequence[Features], row_length: int, max_images: int,
               "decoder_causal_attention", "decoder_positions"):
       row[k][start:start + n] = ex[k]
     row["decoder_segment_ids"][start:start + n] = segment
+    if with_boxes and BOX_FEATURE in ex:
+      row[BOX_FEATURE][start:start + n] = ex[BOX_FEATURE]
     k = ex["images"].shape[0]
     row["images"][n_img:n_img + k] = ex["images"]
     row["image_mask"][n_img:n_img + k] = True
@@ -239,7 +289,8 @@ def _finish_row(examples: Sequence[Features], row_length: int, max_images: int,
 def pack_iter(examples: Iterable[Mapping[str, Any]], *, row_length: int,
               max_images_per_row: int, tokens_per_image: int, image_token_id: int,
               image_shape: Sequence[int], on_too_long: str = "truncate",
-              max_open_rows: Optional[int] = 8) -> Iterator[Features]:
+              max_open_rows: Optional[int] = 8,
+              with_boxes: Optional[bool] = None) -> Iterator[Features]:
   """Packs a stream of raw examples into rows, first-fit, deterministically.
 
   Each example (after `truncate_example`) goes whole into the first open row with room
@@ -247,7 +298,9 @@ def pack_iter(examples: Iterable[Mapping[str, Any]], *, row_length: int,
   tokens are full; when a new row is needed and `max_open_rows` rows are open, the
   oldest open row is emitted first (bounded memory and latency on a stream). The rest
   are emitted, oldest first, when the stream ends. `max_open_rows=None` never evicts.
-  Arguments are checked here, at call time; examples as they are packed.
+  `with_boxes` (None: rows whose examples have `input_boxes`) says which rows carry
+  `decoder_boxes` (module docstring). Arguments are checked here, at call time;
+  examples as they are packed.
   """
   if tokens_per_image < 1:
     raise ValueError(f"tokens_per_image must be >= 1, got {tokens_per_image}")
@@ -262,14 +315,17 @@ def pack_iter(examples: Iterable[Mapping[str, Any]], *, row_length: int,
   if on_too_long not in ON_TOO_LONG:
     raise ValueError(f"on_too_long must be one of {ON_TOO_LONG}, got {on_too_long!r}")
   return _pack_gen(iter(examples), row_length, max_images_per_row, tokens_per_image,
-                   image_token_id, tuple(image_shape), on_too_long, max_open_rows)
+                   image_token_id, tuple(image_shape), on_too_long, max_open_rows,
+                   with_boxes)
 
 
 def _pack_gen(examples: Iterator[Mapping[str, Any]], row_length: int, max_images_per_row: int,
               tokens_per_image: int, image_token_id: int, image_shape: Tuple[int, ...],
-              on_too_long: str, max_open_rows: Optional[int]) -> Iterator[Features]:
+              on_too_long: str, max_open_rows: Optional[int],
+              with_boxes: Optional[bool] = None) -> Iterator[Features]:
   """The generator behind `pack_iter` (separate so that bad arguments fail eagerly)."""
-  finish = lambda r: _finish_row(r.examples, row_length, max_images_per_row, image_shape)
+  finish = lambda r: _finish_row(r.examples, row_length, max_images_per_row, image_shape,
+                                 with_boxes)
   open_rows: List[_OpenRow] = []
   for raw in examples:
     raw = truncate_example(raw, row_length=row_length, max_images_per_row=max_images_per_row,
@@ -293,20 +349,27 @@ def _pack_gen(examples: Iterator[Mapping[str, Any]], row_length: int, max_images
 
 def pack(examples: Iterable[Mapping[str, Any]], *, row_length: int, max_images_per_row: int,
          tokens_per_image: int, image_token_id: int, image_shape: Sequence[int],
-         on_too_long: str = "truncate", max_open_rows: Optional[int] = None
-         ) -> List[Features]:
+         on_too_long: str = "truncate", max_open_rows: Optional[int] = None,
+         with_boxes: Optional[bool] = None) -> List[Features]:
   """All rows of `pack_iter` as a list; by default first-fit over every row so far."""
   return list(pack_iter(examples, row_length=row_length, max_images_per_row=max_images_per_row,
                         tokens_per_image=tokens_per_image, image_token_id=image_token_id,
                         image_shape=image_shape, on_too_long=on_too_long,
-                        max_open_rows=max_open_rows))
+                        max_open_rows=max_open_rows, with_boxes=with_boxes))
 
 
 def batch_rows(rows: Sequence[Mapping[str, np.ndarray]]) -> Features:
-  """Stacks rows into a batch: every feature gets a leading [B] dimension."""
+  """Stacks rows into a batch: every feature gets a leading [B] dimension.
+
+  If some rows have `decoder_boxes`, rows without them get zeros.
+  """
   if not rows:
     raise ValueError("batch_rows needs at least one row")
-  return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+  batch = {k: np.stack([r[k] for r in rows]) for k in rows[0] if k != BOX_FEATURE}
+  if any(BOX_FEATURE in r for r in rows):
+    zeros = np.zeros(rows[0]["decoder_target_tokens"].shape + (4,), np.float32)
+    batch[BOX_FEATURE] = np.stack([r.get(BOX_FEATURE, zeros) for r in rows])
+  return batch
 
 
 def attention_mask(segment_ids, causal_attention, xp=None):

@@ -42,6 +42,7 @@ import seqio
 import tensorflow as tf
 
 from vlpjax.data import bad_records
+from vlpjax.data import cache
 from vlpjax.data import mixing
 from vlpjax.data import preprocessors
 from vlpjax.registry import unknown_name_message
@@ -133,9 +134,12 @@ def task_dataset(data_config, task_name: str, *, shuffle: bool, seed: int,
   task through here, so sharding, caching and the bad-record policy are the same.
   """
   task = seqio.get_mixture_or_task(task_name)
+  use_cached = bool(data_config.get("use_cached", False))
+  if use_cached:  # seqio would fall back silently or fail with a bare assertion.
+    cache.check_cached(task_name, data_config.split)
   kwargs = dict(
       sequence_length=sequence_length, split=data_config.split, shuffle=shuffle, seed=seed,
-      num_epochs=num_epochs, use_cached=bool(data_config.get("use_cached", False)),
+      num_epochs=num_epochs, use_cached=use_cached,
       shard_info=(seqio.ShardInfo(process_index, process_count)
                   if process_count > 1 else None))
   if shuffle:

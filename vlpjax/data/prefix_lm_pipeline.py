@@ -38,12 +38,17 @@ def image_token_id(task_name: str) -> int:
 
 
 def _task_examples(data_config, task_name: str, seed: int, process_index: int,
-                   process_count: int, skipped: bad_records.SkipCounter
+                   process_count: int, skipped: bad_records.SkipCounter,
+                   task_features: Dict[str, Dict[str, bool]]
                    ) -> Iterator[Dict[str, np.ndarray]]:
-  """Endless numpy examples of one task: shuffled, host-sharded, pp applied."""
+  """Endless numpy examples of one task: shuffled, host-sharded, pp applied.
+
+  Records in `task_features[task_name]` which optional features the task yields.
+  """
   ds = pipeline.task_dataset(data_config, task_name, shuffle=True, seed=seed, num_epochs=None,
                              process_index=process_index, process_count=process_count,
                              skipped=skipped)
+  task_features[task_name] = {k: True for k in ds.element_spec}
   chain = preprocessors.parse_pp(data_config.pp)
   base_seed = tf.constant([seed, _PP_SALT], tf.int64)
   size = data_config.image_size
@@ -77,9 +82,11 @@ class PrefixLMBatches:
     preprocessors.parse_pp(data_config.pp)  # Fail on typos before any work.
     mixture = mixing.members(data_config.task, pipeline.get_provider)
     self.skipped = bad_records.SkipCounter()
+    self._task_features: Dict[str, Dict[str, bool]] = {}
     self._stream = mixing.MixedStream(
         mixture, lambda name, task_seed: _task_examples(
-            data_config, name, task_seed, process_index, process_count, self.skipped), seed)
+            data_config, name, task_seed, process_index, process_count, self.skipped,
+            self._task_features), seed)
     image_ids = {image_token_id(m.task) for m in mixture}
     if len(image_ids) != 1:
       raise ValueError(f"tasks of {data_config.task!r} use different <image> ids {image_ids}: "
@@ -89,7 +96,9 @@ class PrefixLMBatches:
         (example for _, example in self._stream), row_length=data_config.row_length,
         max_images_per_row=data_config.max_images_per_row,
         tokens_per_image=data_config.tokens_per_image,
-        image_token_id=image_ids.pop(), image_shape=(size, size, 3))
+        image_token_id=image_ids.pop(), image_shape=(size, size, 3),
+        # Every batch has the same keys: layout boxes whenever any task yields them.
+        with_boxes=any(self._task_features[m.task].get("input_boxes", False) for m in mixture))
     self._batches = (packing.batch_rows(list(group)) for group in
                      _chunks(rows, self.local_batch))
     # Replaying is what makes resumption exact; see the module docstring.
