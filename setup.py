@@ -27,9 +27,9 @@ setuptools.setup(
         "pillow",
     ],
     extras_require={
-        "test": ["pytest", "torch==2.13.0", "transformers", "apache-beam>=2.77"],
+        "test": ["pytest", "torch==2.13.0", "transformers", "apache-beam[tfrecord]>=2.77"],
         # Offline caching of seqio tasks (`python -m vlpjax.data.cache`, docs/data.md).
-        "beam": ["apache-beam>=2.77"],
+        "beam": ["apache-beam[tfrecord]>=2.77"],
         # Ahead-of-time compilation for TPU topologies on a CPU-only machine.
         "tpu": ["libtpu"],
     },
