@@ -14,6 +14,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 import tensorflow as tf
 
+from vlpjax.data import records
+
 # Shapes and colours were picked to stay distinguishable at 32 px after JPEG:
 # a cross has no diagonal edges and a triangle no vertical ones. Channels stay
 # in [25, 230] so jitter (+-15) and noise (+-6) never leave 0..255.
@@ -153,11 +155,7 @@ def generate_captions(split: str, num_examples: int) -> List[str]:
 
 
 def split_size(split: str, num_examples: Optional[int] = None) -> int:
-  if num_examples is not None:
-    return num_examples
-  if split not in SPLIT_SIZES:
-    raise ValueError(f"Unknown shapes split {split!r}; known: {sorted(SPLIT_SIZES)}.")
-  return SPLIT_SIZES[split]
+  return records.split_size("shapes", SPLIT_SIZES, split, num_examples)
 
 
 @functools.lru_cache(maxsize=8)
