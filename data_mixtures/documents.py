@@ -16,24 +16,17 @@ import functools
 from typing import Iterable, Mapping, Optional, Union
 
 import seqio
-import tensorflow as tf
 
 from vlpjax.data import documents
 from vlpjax.data.kinds import document
 from vlpjax.data.kinds import document_objectives as objectives
+from vlpjax.data import tasks
 from vlpjax.data.tasks import add_task
 
 UDOP_NAME = "documents_udop"
 QA_NAME = "documents_qa"
 DEFAULT_PAGE_SIZE = 128
 DEFAULT_IMAGE_SIZE = 64
-
-
-def add_mixture(name: str, tasks, default_rate=1.0) -> seqio.Mixture:
-  """MixtureRegistry.add that replaces an existing mixture (as `tasks.add_task` does)."""
-  if name in seqio.MixtureRegistry.names():
-    seqio.MixtureRegistry.remove(name)
-  return seqio.MixtureRegistry.add(name, tasks, default_rate=default_rate)
 
 
 def task_preprocessors(objective: str, image_size: int = DEFAULT_IMAGE_SIZE,
@@ -47,20 +40,9 @@ def task_preprocessors(objective: str, image_size: int = DEFAULT_IMAGE_SIZE,
                             **objective_options)]
 
 
-def _documents_dataset_fn(split: str, shuffle_files: bool, seed: Optional[int] = None,
-                          *, page_size: int, split_sizes: Mapping[str, int]
-                          ) -> tf.data.Dataset:
-  # Generated in index order whatever the seed; the task shuffles examples.
-  del shuffle_files, seed
-  return documents.make_dataset(split, page_size, num_examples=split_sizes[split])
-
-
 def _generated_source(page_size: int, split_sizes: Optional[Mapping[str, int]]):
-  split_sizes = dict(split_sizes or documents.SPLIT_SIZES)
-  return seqio.FunctionDataSource(
-      functools.partial(_documents_dataset_fn, page_size=page_size,
-                        split_sizes=split_sizes),
-      splits=list(split_sizes), num_input_examples=split_sizes)
+  return tasks.generated_source(documents.make_dataset, split_sizes or documents.SPLIT_SIZES,
+                                page_size=page_size)
 
 
 def register_documents_udop(name: str = UDOP_NAME, page_size: int = DEFAULT_PAGE_SIZE,
@@ -75,7 +57,7 @@ def register_documents_udop(name: str = UDOP_NAME, page_size: int = DEFAULT_PAGE
              output_features=document.output_features(vocabulary),
              preprocessors=task_preprocessors(objective, image_size))
     task_names.append(task_name)
-  return add_mixture(name, task_names)
+  return tasks.add_mixture(name, task_names)
 
 
 def register_documents_qa(name: str = QA_NAME, page_size: int = DEFAULT_PAGE_SIZE,

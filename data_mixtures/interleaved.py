@@ -11,10 +11,10 @@ import functools
 from typing import Iterable, Mapping, Optional, Union
 
 import seqio
-import tensorflow as tf
 
 from vlpjax.data import stories
 from vlpjax.data.kinds import interleaved
+from vlpjax.data import tasks
 from vlpjax.data.tasks import add_task
 
 STORIES_INTERLEAVED = "stories_interleaved"
@@ -44,21 +44,10 @@ def text_preprocessors(image_size: int, max_tokens: Optional[int] = None):
                             max_tokens=max_tokens)]
 
 
-def _stories_dataset_fn(split: str, shuffle_files: bool, seed: Optional[int] = None,
-                        *, image_size: int, split_sizes: Mapping[str, int]
-                        ) -> tf.data.Dataset:
-  # Generated in index order whatever the seed; the task shuffles examples.
-  del shuffle_files, seed
-  return stories.make_dataset(split, image_size, num_examples=split_sizes[split])
-
-
 def _stories_source(image_size: int, split_sizes: Optional[Mapping[str, int]]
                     ) -> seqio.FunctionDataSource:
-  split_sizes = dict(split_sizes or stories.SPLIT_SIZES)
-  return seqio.FunctionDataSource(
-      functools.partial(_stories_dataset_fn, image_size=image_size,
-                        split_sizes=split_sizes),
-      splits=list(split_sizes), num_input_examples=split_sizes)
+  return tasks.generated_source(stories.make_dataset, split_sizes or stories.SPLIT_SIZES,
+                                image_size=image_size)
 
 
 def register_stories_interleaved_task(

@@ -10,34 +10,23 @@ Registered on import:
 Both yield {id, caption, label, texts (int32 ids, no EOS), image (uint8 [S, S, 3]),
 problem} (see `preprocessors.image_caption_output_features`).
 """
-import functools
 from typing import Mapping, Optional
 
 import seqio
-import tensorflow as tf
 
 from vlpjax.data import preprocessors
 from vlpjax.data import shapes
+from vlpjax.data import tasks
 from vlpjax.data.tasks import add_task
 
 TASK_NAME = "shapes_captions"
 CACHEABLE_TASK_NAME = "shapes_captions_cacheable"
 
 
-def _shapes_dataset_fn(split: str, shuffle_files: bool, seed: Optional[int] = None,
-                       *, image_size: int, split_sizes: Mapping[str, int]) -> tf.data.Dataset:
-  # Generated in index order whatever the seed; the task shuffles examples.
-  del shuffle_files, seed
-  return shapes.make_dataset(split, image_size, num_examples=split_sizes[split])
-
-
 def _shapes_source(image_size: int,
                    split_sizes: Optional[Mapping[str, int]]) -> seqio.FunctionDataSource:
-  split_sizes = dict(split_sizes or shapes.SPLIT_SIZES)
-  return seqio.FunctionDataSource(
-      functools.partial(_shapes_dataset_fn, image_size=image_size,
-                        split_sizes=split_sizes),
-      splits=list(split_sizes), num_input_examples=split_sizes)
+  return tasks.generated_source(shapes.make_dataset, split_sizes or shapes.SPLIT_SIZES,
+                                image_size=image_size)
 
 
 def register_shapes_task(name: str = TASK_NAME, image_size: int = 64,

@@ -15,11 +15,11 @@ import functools
 from typing import Iterable, Mapping, Optional, Union
 
 import seqio
-import tensorflow as tf
 
 from vlpjax.data import videos
 from vlpjax.data.kinds import video
 from vlpjax.data.kinds import video_targets
+from vlpjax.data import tasks
 from vlpjax.data.tasks import add_task
 
 DENSE_CAPTIONS_TASK = "videos_dense_captions"
@@ -60,23 +60,11 @@ def video_preprocessors(objective: str = "dense_captions", *, num_frames: int = 
   return steps
 
 
-def _videos_dataset_fn(split: str, shuffle_files: bool, seed: Optional[int] = None, *,
-                       clip_frames: int, frame_size: int,
-                       split_sizes: Mapping[str, int]) -> tf.data.Dataset:
-  # Generated in index order whatever the seed; the task shuffles examples.
-  del shuffle_files, seed
-  return videos.make_dataset(split, num_frames=clip_frames, frame_size=frame_size,
-                             num_examples=split_sizes[split])
-
-
 def _generated_task(name: str, objective: str, num_frames: int, frame_size: int,
                     split_sizes: Optional[Mapping[str, int]], clip_frames: int,
                     vocabulary, **kwargs) -> seqio.Task:
-  split_sizes = dict(split_sizes or videos.SPLIT_SIZES)
-  source = seqio.FunctionDataSource(
-      functools.partial(_videos_dataset_fn, clip_frames=clip_frames, frame_size=frame_size,
-                        split_sizes=split_sizes),
-      splits=list(split_sizes), num_input_examples=split_sizes)
+  source = tasks.generated_source(videos.make_dataset, split_sizes or videos.SPLIT_SIZES,
+                                  num_frames=clip_frames, frame_size=frame_size)
   return add_task(name, source=source,
                   output_features=video_targets.output_features(vocabulary),
                   preprocessors=video_preprocessors(objective, num_frames=num_frames,

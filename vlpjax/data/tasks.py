@@ -1,7 +1,9 @@
 """Helpers for registering seqio tasks of each data kind (used by `data_mixtures/`)."""
-from typing import Iterable, Mapping, Optional, Union
+import functools
+from typing import Callable, Iterable, Mapping, Optional, Union
 
 import seqio
+import tensorflow as tf
 
 from vlpjax.data import preprocessors
 from vlpjax.data import sources
@@ -16,6 +18,37 @@ def add_task(name: str, **task_kwargs) -> seqio.Task:
   if name in seqio.TaskRegistry.names():
     seqio.TaskRegistry.remove(name)
   return seqio.TaskRegistry.add(name, **task_kwargs)
+
+
+def add_mixture(name: str, tasks, default_rate: float = 1.0) -> seqio.Mixture:
+  """MixtureRegistry.add that replaces an existing mixture (as `add_task` does)."""
+  if name in seqio.MixtureRegistry.names():
+    seqio.MixtureRegistry.remove(name)
+  return seqio.MixtureRegistry.add(name, tasks, default_rate=default_rate)
+
+
+def _generated_split(split: str, shuffle_files: bool, seed: Optional[int] = None, *,
+                     make_dataset: Callable[..., tf.data.Dataset],
+                     split_sizes: Mapping[str, int], make_kwargs: Mapping[str, object]
+                     ) -> tf.data.Dataset:
+  # Generated in index order whatever the seed; the task shuffles examples.
+  # (`make_kwargs` is one argument: seqio rejects dataset functions with **kwargs.)
+  del shuffle_files, seed
+  return make_dataset(split, num_examples=split_sizes[split], **make_kwargs)
+
+
+def generated_source(make_dataset: Callable[..., tf.data.Dataset],
+                     split_sizes: Mapping[str, int], **make_kwargs) -> seqio.FunctionDataSource:
+  """An embedded generator as a seqio source.
+
+  Split s holds `make_dataset(s, num_examples=split_sizes[s], **make_kwargs)`;
+  the generators (`shapes`, `stories`, `videos`, `documents`) all take that form.
+  """
+  split_sizes = dict(split_sizes)
+  return seqio.FunctionDataSource(
+      functools.partial(_generated_split, make_dataset=make_dataset, split_sizes=split_sizes,
+                        make_kwargs=make_kwargs),
+      splits=list(split_sizes), num_input_examples=split_sizes)
 
 
 def register_image_caption_tfrecord_task(
