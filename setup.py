@@ -27,7 +27,9 @@ setuptools.setup(
         "pillow",
     ],
     extras_require={
-        "test": ["pytest", "torch==2.13.0", "transformers", "apache-beam[tfrecord]>=2.77"],
+        # pycocoevalcap: the reference our caption metrics are tested against (tests only).
+        "test": ["pytest", "torch==2.13.0", "transformers", "apache-beam[tfrecord]>=2.77",
+                 "pycocoevalcap==1.2"],
         # Offline caching of seqio tasks (`python -m vlpjax.data.cache`, docs/data.md).
         "beam": ["apache-beam[tfrecord]>=2.77"],
         # Ahead-of-time compilation for TPU topologies on a CPU-only machine.

@@ -3,6 +3,8 @@
 Registered on import, over the embedded stories (vlpjax.data.stories):
   stories_interleaved  text and images in reading order (prefix-LM contract, 64 px)
   stories_text         the same stories' texts only, images [0, S, S, 3]
+  stories_mixed        mixture: 3 parts interleaved to 1 part text-only (VILA's finding:
+                       text-only data in the mix keeps the LM's text ability)
 
 `register_interleaved_tfrecord_task` registers a task over a user's own TFRecords in
 the same layout (schema in the kind's module docstring and docs/data.md).
@@ -107,5 +109,8 @@ def register_interleaved_tfrecord_task(
       preprocessors=steps)
 
 
+STORIES_MIXED = "stories_mixed"
+
 register_stories_interleaved_task()
 register_stories_text_task()
+tasks.add_mixture(STORIES_MIXED, [(STORIES_INTERLEAVED, 3.0), (STORIES_TEXT, 1.0)])

@@ -9,6 +9,10 @@ Registered on import:
 
 Both yield {id, caption, label, texts (int32 ids, no EOS), image (uint8 [S, S, 3]),
 problem} (see `preprocessors.image_caption_output_features`).
+
+  `shapes_captions_prefix_lm`  the same records as captioning in the prefix-LM contract
+                               (`vlpjax.data.kinds.image_caption`): inputs [<image>],
+                               targets = caption + EOS, images uint8 [1, S, S, 3].
 """
 from typing import Mapping, Optional
 
@@ -17,10 +21,12 @@ import seqio
 from vlpjax.data import preprocessors
 from vlpjax.data import shapes
 from vlpjax.data import tasks
+from vlpjax.data.kinds import image_caption
 from vlpjax.data.tasks import add_task
 
 TASK_NAME = "shapes_captions"
 CACHEABLE_TASK_NAME = "shapes_captions_cacheable"
+PREFIX_LM_TASK_NAME = "shapes_captions_prefix_lm"
 
 
 def _shapes_source(image_size: int,
@@ -69,5 +75,20 @@ def register_cacheable_shapes_task(
                      preprocessors.decode_image])
 
 
+def register_shapes_prefix_lm_task(
+    name: str = PREFIX_LM_TASK_NAME, image_size: int = 64,
+    split_sizes: Optional[Mapping[str, int]] = None, prompt: str = "") -> seqio.Task:
+  """The shapes as a prefix-LM captioning task (the VLM demo's training data).
+
+  Rendered at `image_size` like `shapes_captions`, so a pp `resize(32, key="images")` gives
+  the same pixels as that task's eval pp `resize(32)`.
+  """
+  return add_task(
+      name, source=_shapes_source(image_size, split_sizes),
+      output_features=image_caption.output_features(),
+      preprocessors=image_caption.task_preprocessors(image_size, prompt))
+
+
 register_shapes_task()
 register_cacheable_shapes_task()
+register_shapes_prefix_lm_task()

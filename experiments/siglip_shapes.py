@@ -2,6 +2,7 @@
 
   python -m vlpjax.train --config experiments/siglip_shapes.py --workdir /tmp/siglip_shapes
   python -m vlpjax.train --config experiments/siglip_shapes.py:steps=200,loss=softmax ...
+  python -m vlpjax.train --config experiments/siglip_shapes.py:flip=0.5 ...   # FLIP masking
 
 A tiny ViT (patch 8 on 32 px images) and text transformer, trained from scratch with the
 sigmoid loss; zero-shot classification over the 20 colour x shape classes and retrieval on the
@@ -16,7 +17,7 @@ from vlpjax.data import shapes
 
 def get_config(arg=None):
   arg = config_lib.parse_arg(arg, steps=1500, batch=128, size=32, loss="sigmoid",
-                             rules="data_parallel", eval_every=500)
+                             rules="data_parallel", eval_every=500, flip=0.0)
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.total_steps = arg.steps
@@ -32,7 +33,9 @@ def get_config(arg=None):
   width = 128
   c.model = dict(
       image=dict(width=width, depth=4, mlp_dim=4 * width, num_heads=4, patch_size=8,
-                 pool_type="map", posemb="learn"),
+                 pool_type="map", posemb="learn",
+                 # FLIP: ratio of image patches dropped in training (e.g. 0.5); evals see all.
+                 patch_dropout=arg.flip),
       text=dict(width=width, depth=4, mlp_dim=4 * width, num_heads=4, max_len=16,
                 vocab_size=512, pool_type="last"),
       embed_dim=width,

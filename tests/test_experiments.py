@@ -30,3 +30,17 @@ def test_siglip_b16_builds_and_lowers_with_a_shrunk_batch():
   assert params["img"]["patch_embedding"]["kernel"].shape == (16, 16, 3, 768)
   n_params = sum(x.size for x in jax.tree.leaves(params))
   assert 150e6 < n_params < 250e6  # two B towers (ViT-B/16 + text B with a 32k vocab)
+
+
+@pytest.mark.parametrize("spec,low,high", [
+    # ViT-B/16 + 6 unimodal and 6 cross-attending text layers of width 768 (CoCa-Base shape).
+    ("coca_b16.py:batch=16", 200e6, 300e6),
+    # So400m/14 (0.4B) + a Gemma-2B-shaped decoder (2.5B with its 257k-row embedding).
+    ("vlm_3b.py:batch=16", 2.7e9, 3.1e9),
+])
+def test_generative_pod_configs_build_and_lower(spec, low, high):
+  config = config_lib.finalize(config_lib.load(os.path.join(REPO, "experiments", spec)))
+  setup = trainer.build(config)
+  assert "sharding" in setup.lower_train_step().as_text()
+  n_params = sum(x.size for x in jax.tree.leaves(setup.abstract_state["params"]))
+  assert low < n_params < high

@@ -33,6 +33,7 @@ def defaults() -> ConfigDict:
   c.model_name = "two_tower"     # registered Flax module
   c.model = ConfigDict()         # kwargs of the module (checked against its fields)
   c.loss = "sigmoid"             # family-specific loss name
+  c.loss_weights = ConfigDict()  # family-specific loss terms' weights (e.g. CoCa's caption)
   c.compute_dtype = "bfloat16"   # activations/matmuls; params and optimizer state stay f32
   c.remat_policy = "none"        # none | full | dots_saveable | dots_with_no_batch_dims_saveable
 
@@ -68,10 +69,15 @@ def defaults() -> ConfigDict:
       bad_records="error",      # error | skip: stop naming the record, or skip and count
       use_cached=False,         # read the tasks' offline Beam cache (docs/data.md)
       cache_dir="",             # where that cache is, if not in seqio's global dirs
+      # Packed prefix-LM rows (families with input_format "prefix_lm"; vlpjax/data/packing.py):
+      row_length=0,             # tokens per packed row
+      max_images_per_row=0,     # image slots per row
+      tokens_per_image=0,       # 0 = what the model's image encoder gives (checked if set)
   ))
   c.data_modules = ["data_mixtures"]  # imported so their seqio tasks are registered
 
   c.evals = ConfigDict()        # name -> dict(type=..., every_steps=..., ...)
+  c.pretrained = ConfigDict()   # family-specific initialisation, e.g. llm_hf_path for a VLM
 
   c.log_every_steps = 10
   c.checkpoint = ConfigDict(dict(every_steps=1000, max_to_keep=3, async_save=True))
@@ -82,7 +88,7 @@ def defaults() -> ConfigDict:
 _CHOICES = {"input.bad_records": ("error", "skip")}
 
 # Sections whose contents are checked by their consumer rather than by `defaults()`.
-_OPEN_SECTIONS = ("model", "evals", "input.files")
+_OPEN_SECTIONS = ("model", "evals", "input.files", "loss_weights", "pretrained")
 
 
 def load(spec: str) -> ConfigDict:

@@ -85,3 +85,15 @@ def softmax_contrastive_loss(zimg: jax.Array, ztxt: jax.Array,
   metrics = _common_metrics(logits, scale, logit_bias)
   metrics.update(loss=loss, loss_i2t=loss_i2t, loss_t2i=loss_t2i)
   return loss, metrics
+
+
+def token_statistics(logits: jax.Array, targets: jax.Array, weights: jax.Array
+                     ) -> Dict[str, jax.Array]:
+  """Per-example sums over tokens: weighted cross-entropy, weight, and correct argmaxes."""
+  logits = logits.astype(jnp.float32)
+  target_logits = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+  cross_entropy = jax.nn.logsumexp(logits, axis=-1) - target_logits
+  correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+  return {"loss_sum": jnp.sum(cross_entropy * weights, axis=1),
+          "weight_sum": jnp.sum(weights, axis=1),
+          "correct_sum": jnp.sum(correct * weights, axis=1)}

@@ -26,26 +26,40 @@ BATCH_AXES = ("data", "fsdp")
 # dimension (`embed`, FSDP-sharded) and the same activation dimension (`act_embed`, usually
 # replicated) can be mapped differently.
 _ACTIVATIONS = [("act_batch", BATCH_AXES), ("act_length", None), ("act_embed", None)]
+# Names of the decoder-LM families (decoder, CoCa, VLM):
+#   kv_heads  key/value heads of grouped-query attention (fewer than `heads`; split over
+#             `tensor` like `heads`, or replicated where they do not divide it: MQA's single
+#             kv head is replicated, as in MaxText)
+#   layers    the stacked-layer axis of scanned params (never sharded: scan slices it)
+#   lora      the low-rank axis of LoRA adapters (tiny)
+#   embed_in  the input width of a projector whose output is `embed` (a kernel cannot name
+#             `embed` twice, and its input side is small enough to replicate)
+_DECODER_NAMES = {
+    "replicated": [("kv_heads", None), ("act_kv_heads", None), ("layers", None),
+                   ("lora", None), ("embed_in", None)],
+    "tensor": [("kv_heads", "tensor"), ("act_kv_heads", None), ("layers", None),
+               ("lora", None), ("embed_in", None)],
+}
 RULES_PRESETS: Dict[str, list] = {
     # Every param replicated, batch split over all devices.
     "data_parallel": _ACTIVATIONS + [
         ("act_heads", None), ("act_kv", None), ("act_mlp", None),
         ("embed", None), ("mlp", None), ("heads", None), ("kv", None), ("vocab", None),
         ("pos", None), ("proj", None), ("patch", None), ("channels", None),
-    ],
+    ] + _DECODER_NAMES["replicated"],
     # ZeRO-3 style: params sharded on their model-width dimension, gathered per layer.
     "fsdp": _ACTIVATIONS + [
         ("act_heads", None), ("act_kv", None), ("act_mlp", None),
         ("embed", "fsdp"), ("mlp", None), ("heads", None), ("kv", None), ("vocab", None),
         ("pos", None), ("proj", "fsdp"), ("patch", None), ("channels", None),
-    ],
+    ] + _DECODER_NAMES["replicated"],
     # FSDP plus Megatron-style tensor parallelism inside attention and MLP blocks.
     "fsdp_tensor": _ACTIVATIONS + [
         ("act_heads", "tensor"), ("act_kv", None), ("act_mlp", "tensor"),
         ("embed", "fsdp"), ("mlp", "tensor"), ("heads", "tensor"), ("kv", None),
         ("vocab", "tensor"), ("pos", None), ("proj", "fsdp"), ("patch", None),
         ("channels", None),
-    ],
+    ] + _DECODER_NAMES["tensor"],
 }
 
 

@@ -24,6 +24,7 @@ from vlpjax import sharding
 from vlpjax import train_step as train_step_lib
 from vlpjax.data import cache
 from vlpjax.data import pipeline
+from vlpjax.data import prefix_lm_pipeline
 from vlpjax.data import tasks
 from vlpjax.evaluators import build_evaluators
 from vlpjax.families import get_family
@@ -79,6 +80,37 @@ def import_data_modules(config) -> None:
   if config.input.cache_dir:
     # Where `seqio_cache_tasks` wrote the cache (read when input.use_cached is set).
     cache.use_cache_dir(config.input.cache_dir)
+
+
+def input_config(config, family):
+  """config.input with what the family decides filled in (tokens per image of packed rows)."""
+  data_config = config.input.copy_and_resolve_references()
+  if family.input_format != "prefix_lm":
+    return data_config
+  for key in ("row_length", "max_images_per_row"):
+    if data_config[key] <= 0:
+      raise config_lib.ConfigError(
+          f"config.input.{key} must be > 0 for family {config.family!r}, which trains on "
+          "packed prefix-LM rows (see vlpjax/data/packing.py).")
+  given, needed = data_config.tokens_per_image, family.tokens_per_image
+  if given and given != needed:
+    raise config_lib.ConfigError(
+        f"config.input.tokens_per_image={given}, but the model's image encoder gives {needed} "
+        "tokens per image (image_size / patch_size squared); set it to 0 or "
+        f"{needed}.")
+  data_config.tokens_per_image = needed
+  return data_config
+
+
+def make_train_batches(config, family, start_position: int):
+  """This process's endless training batches in the family's input format."""
+  kwargs = dict(global_batch_size=config.global_batch_size, seed=config.seed,
+                start_position=start_position, process_index=jax.process_index(),
+                process_count=jax.process_count())
+  data_config = input_config(config, family)
+  if family.input_format == "prefix_lm":
+    return prefix_lm_pipeline.PrefixLMBatches(data_config, **kwargs)
+  return pipeline.train_batches(data_config, **kwargs)
 
 
 def _check_batch_divisibility(config, mesh) -> None:
@@ -194,10 +226,7 @@ class Loop:
     # Examples consumed per task since step 0 (carried in checkpoints), logged as data/*.
     self.task_counts = collections.Counter(meta.get("task_counts", {}))
     start = int(state["step"])
-    batches = pipeline.train_batches(
-        config.input, global_batch_size=config.global_batch_size, seed=config.seed,
-        start_position=data_position, process_index=jax.process_index(),
-        process_count=jax.process_count())
+    batches = make_train_batches(config, setup.family, data_position)
     self.skipped = batches.skipped
     progress = metrics_lib.Progress(config.total_steps, config.global_batch_size, start)
     self.eval_seconds = 0.0
@@ -255,7 +284,12 @@ class Loop:
     latest = ckpt.latest_step()
     if latest is None:
       logging.info("No checkpoint in %s: starting from scratch.", self.workdir)
-      return setup.init_state(), {"data_position": 0}
+      state = setup.init_state()
+      if hasattr(setup.family, "pretrained"):
+        # e.g. a Hugging Face LM as the VLM's decoder; placed onto the params' shardings.
+        params = setup.family.pretrained(state["params"], self.config)
+        state["params"] = jax.device_put(params, setup.state_shardings["params"])
+      return state, {"data_position": 0}
     target = checkpoint_lib.abstract_with_shardings(setup.abstract_state,
                                                     setup.state_shardings)
     state, meta = ckpt.restore(latest, target)

@@ -15,7 +15,7 @@ so resuming at batch k replays and drops the first k batches: exact, at the cost
 what was skipped (as `pipeline.train_batches` does).
 """
 import itertools
-from typing import Dict, Iterator
+from typing import Dict, Iterator, Optional
 
 import numpy as np
 import seqio
@@ -37,18 +37,21 @@ def image_token_id(task_name: str) -> int:
   return int(vocab.special_ids.image_id(0))
 
 
-def _task_examples(data_config, task_name: str, seed: int, process_index: int,
-                   process_count: int, skipped: bad_records.SkipCounter,
-                   task_features: Dict[str, Dict[str, bool]]
-                   ) -> Iterator[Dict[str, np.ndarray]]:
-  """Endless numpy examples of one task: shuffled, host-sharded, pp applied.
+def task_examples(data_config, task_name: str, seed: int, process_index: int,
+                  process_count: int, skipped: bad_records.SkipCounter,
+                  task_features: Optional[Dict[str, Dict[str, bool]]] = None,
+                  shuffle: bool = True, num_epochs: Optional[int] = None
+                  ) -> Iterator[Dict[str, np.ndarray]]:
+  """Numpy examples of one task, host-sharded, pp applied: endless and shuffled for
+  training, or one pass in order (`shuffle=False, num_epochs=1`) for evaluators.
 
   Records in `task_features[task_name]` which optional features the task yields.
   """
-  ds = pipeline.task_dataset(data_config, task_name, shuffle=True, seed=seed, num_epochs=None,
-                             process_index=process_index, process_count=process_count,
-                             skipped=skipped)
-  task_features[task_name] = {k: True for k in ds.element_spec}
+  ds = pipeline.task_dataset(data_config, task_name, shuffle=shuffle, seed=seed,
+                             num_epochs=num_epochs, process_index=process_index,
+                             process_count=process_count, skipped=skipped)
+  if task_features is not None:
+    task_features[task_name] = {k: True for k in ds.element_spec}
   chain = preprocessors.parse_pp(data_config.pp)
   base_seed = tf.constant([seed, _PP_SALT], tf.int64)
   size = data_config.image_size
@@ -84,7 +87,7 @@ class PrefixLMBatches:
     self.skipped = bad_records.SkipCounter()
     self._task_features: Dict[str, Dict[str, bool]] = {}
     self._stream = mixing.MixedStream(
-        mixture, lambda name, task_seed: _task_examples(
+        mixture, lambda name, task_seed: task_examples(
             data_config, name, task_seed, process_index, process_count, self.skipped,
             self._task_features), seed)
     image_ids = {image_token_id(m.task) for m in mixture}
@@ -104,10 +107,25 @@ class PrefixLMBatches:
     # Replaying is what makes resumption exact; see the module docstring.
     for _ in itertools.islice(self._batches, start_position):
       pass
+    self.task_names = [m.task for m in mixture]
+    self._counted = dict(self._stream.counts)
 
   @property
   def counts(self) -> Dict[str, int]:
     return dict(self._stream.counts)
+
+  def task_counts(self, batch: Dict[str, np.ndarray]) -> Dict[str, int]:
+    """Examples of each task drawn into packing since the previous call.
+
+    Packing keeps a few rows open (first-fit), so the first call also counts the
+    examples waiting in them; after that, what went into `batch` give or take the
+    open rows' turnover.
+    """
+    del batch  # Packed rows mix tasks; the stream knows what it handed out.
+    now = self.counts
+    delta = {name: now.get(name, 0) - self._counted.get(name, 0) for name in self.task_names}
+    self._counted = now
+    return delta
 
   def __iter__(self):
     return self

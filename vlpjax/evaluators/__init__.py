@@ -12,7 +12,8 @@ EVALUATORS = Registry("evaluator")
 def build_evaluators(config, family, mesh):
   """All evaluators in `config.evals`, keyed by their config name."""
   # Importing registers the built-in evaluators.
-  from vlpjax.evaluators import retrieval, zeroshot  # pylint: disable=g-import-not-at-top,unused-import
+  # pylint: disable=g-import-not-at-top,unused-import
+  from vlpjax.evaluators import captioning, prefix_lm_loss, retrieval, zeroshot
   # Check every entry before building any: a typo in the last one fails before work starts.
   checked = {}
   for name, entry in config.evals.items():

@@ -6,18 +6,55 @@ A family turns a config into a Flax module and tells the trainer how to
 - `init(rng, batch)`: boxed params (with logical axis names),
 - `features(params, batch, rng)`: per-example outputs that do not mix examples,
 - `features_loss(params, features)`: the loss over a whole batch of features,
-- and per-family predict functions used by evaluators (e.g. `embed_images`).
+- `input_format`: which batches it reads: "image_text" (`vlpjax.data.pipeline`: image, texts)
+  or "prefix_lm" (`vlpjax.data.prefix_lm_pipeline`: packed rows carrying their images),
+- optionally `pretrained(params, config) -> params`: weights to start from (e.g. a Hugging Face
+  LM), applied when a run starts without a checkpoint,
+- and per-family predict functions used by evaluators (`embed_images`, `embed_texts`,
+  `caption`, `token_losses`).
 
 Splitting the loss into `features` and `features_loss` is what makes gradient accumulation exact
 for losses that couple the batch (contrastive): see `vlpjax/train_step.py`.
 """
+import dataclasses
+from typing import Any, Dict, Mapping, Sequence
+
+from vlpjax import config as config_lib
 from vlpjax.registry import Registry
 
 FAMILIES = Registry("model family")
 
 
+def module_fields(cls):
+  """The config-settable fields of a Flax module class (for checking `config.model` keys)."""
+  return [f.name for f in dataclasses.fields(cls) if f.name not in ("parent", "name")]
+
+
+def image_text_specs(input_config, batch_size: int) -> Dict[str, Any]:
+  """Shapes of an "image_text" batch: images [B, S, S, 3] in [-1, 1], padded token ids [B, L]."""
+  import jax  # pylint: disable=g-import-not-at-top  (the registry itself needs no JAX)
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  size, length = input_config.image_size, input_config.text_length
+  return {"image": jax.ShapeDtypeStruct((batch_size, size, size, 3), jnp.float32),
+          "texts": jax.ShapeDtypeStruct((batch_size, length), jnp.int32)}
+
+
+def checked_model_kwargs(config, model_fields: Sequence[str],
+                         parts: Mapping[str, Sequence[str]]) -> Dict[str, Any]:
+  """`config.model` as a dict, after checking its keys and those of its sub-dicts `parts`.
+
+  A typo in any of them fails before anything is built, naming the nearest valid keys.
+  """
+  kwargs = config.model.to_dict()
+  config_lib.check_kwargs("config.model", kwargs, model_fields)
+  for part, allowed in parts.items():
+    config_lib.check_kwargs(f"config.model.{part}", kwargs.get(part) or {}, allowed)
+  return kwargs
+
+
 def get_family(config):
   """The family named by `config.family`, built for this config."""
   # Importing registers the built-in families; kept local so the registry has no model deps.
-  from vlpjax.families import two_tower  # pylint: disable=g-import-not-at-top,unused-import
+  # pylint: disable=g-import-not-at-top,unused-import
+  from vlpjax.families import coca, two_tower, vlm
   return FAMILIES.get(config.family)(config)

@@ -1,18 +1,22 @@
-"""Two-tower contrastive family (SigLIP / CLIP / LiT): image and text towers, one loss."""
-import dataclasses
+"""Two-tower contrastive family (SigLIP / CLIP / LiT / FLIP): image and text towers, one loss.
+
+FLIP (Li et al. 2023) is this family with `config.model.image.patch_dropout` > 0: training
+steps encode only a random subset of each image's patches (a fresh subset every step, drawn
+from the step's rng), while evaluation (`embed_images`) sees every patch. The gain is compute,
+not regularisation: at 0.5 the image tower processes half the tokens, so a step costs roughly
+half and the paper spends the saving on larger batches / more samples seen. FLIP ends with a
+short unmasked tuning phase to close the train/eval gap; the ratio changes no parameter, so
+that phase is the same workdir resumed with `patch_dropout=0` and a larger `total_steps`.
+"""
 from typing import Any, Dict
 
 import jax
 import jax.numpy as jnp
 
-from vlpjax import config as config_lib
 from vlpjax import losses
 from vlpjax import models
-from vlpjax.families import FAMILIES
-
-
-def _module_fields(cls):
-  return [f.name for f in dataclasses.fields(cls) if f.name not in ("parent", "name")]
+from vlpjax.families import (FAMILIES, checked_model_kwargs, image_text_specs,
+                             module_fields)
 
 
 @FAMILIES.register("two_tower")
@@ -20,33 +24,31 @@ class TwoTowerFamily:
   """Images [B,H,W,3] in [-1,1] and token ids [B,L] -> L2-normalised embeddings."""
 
   batch_keys = ("image", "texts")
+  input_format = "image_text"
 
   def __init__(self, config):
     self.config = config
     model_cls = models.get_model(config.model_name)
-    model_kwargs = config.model.to_dict()
-    config_lib.check_kwargs("config.model", model_kwargs, _module_fields(model_cls))
-    for tower, sub_cls in (("image", models.get_model("vit")),
-                           ("text", models.get_model("text"))):
-      config_lib.check_kwargs(f"config.model.{tower}", model_kwargs.get(tower, {}),
-                              _module_fields(sub_cls))
+    model_kwargs = checked_model_kwargs(
+        config, module_fields(model_cls),
+        {"image": module_fields(models.get_model("vit")),
+         "text": module_fields(models.get_model("text"))})
     self.model = model_cls(dtype=jnp.dtype(config.compute_dtype),
                            remat_policy=config.remat_policy, **model_kwargs)
     self.loss_fn = losses.LOSSES.get(config.loss)
 
   def input_specs(self, batch_size: int) -> Dict[str, jax.ShapeDtypeStruct]:
-    size, length = self.config.input.image_size, self.config.input.text_length
-    return {
-        "image": jax.ShapeDtypeStruct((batch_size, size, size, 3), jnp.float32),
-        "texts": jax.ShapeDtypeStruct((batch_size, length), jnp.int32),
-    }
+    return image_text_specs(self.config.input, batch_size)
 
   def init(self, rng, batch):
     return self.model.init(rng, batch["image"], batch["texts"])["params"]
 
   def features(self, params, batch, rng) -> Dict[str, Any]:
-    del rng  # No stochastic layers in the two-tower model.
-    zimg, ztxt, _ = self.model.apply({"params": params}, batch["image"], batch["texts"])
+    # train=True: the image tower drops patches when `patch_dropout` > 0 (else a no-op). The
+    # mask depends only on `rng`, so the trainer's GradCache re-run of a micro-batch (same
+    # rng) sees the same patches as its first pass and the accumulated gradient stays exact.
+    zimg, ztxt, _ = self.model.apply({"params": params}, batch["image"], batch["texts"],
+                                     train=True, rngs={"dropout": rng})
     return {"zimg": zimg, "ztxt": ztxt}
 
   def features_loss(self, params, features):

@@ -78,8 +78,8 @@ class TwoTower(nn.Module):
     """Token ids [B, L] -> L2-normalised f32 [B, embed_dim]."""
     return self._embed_texts(texts)[0]
 
-  def _embed_images(self, images):
-    out, aux = self.img(images)
+  def _embed_images(self, images, train: bool = False):
+    out, aux = self.img(images, train=train)
     return l2_normalize(out), aux
 
   def _embed_texts(self, texts):
@@ -87,17 +87,19 @@ class TwoTower(nn.Module):
     return l2_normalize(out), aux
 
   def __call__(self, images: Optional[jax.Array] = None,
-               texts: Optional[jax.Array] = None
+               texts: Optional[jax.Array] = None, train: bool = False
                ) -> Tuple[Optional[jax.Array], Optional[jax.Array], Dict[str, Any]]:
     """-> (zimg, ztxt, out); a side given as None comes back as None.
 
     `out` has `logit_scale` (the raw log-scale param), `logit_bias` (or None),
     and `img` / `txt`: the towers' intermediates (`tokens`, `pooled`).
+    `train=True` lets the image tower drop patches (its `patch_dropout`, FLIP), which
+    needs a `"dropout"` rng; the text tower has no train-time behaviour.
     """
     zimg = ztxt = None
     out = {"logit_scale": self.logit_scale, "logit_bias": self.logit_bias}
     if images is not None:
-      zimg, out["img"] = self._embed_images(images)
+      zimg, out["img"] = self._embed_images(images, train=train)
     if texts is not None:
       ztxt, out["txt"] = self._embed_texts(texts)
     return zimg, ztxt, out

@@ -1,4 +1,4 @@
-"""Vision Transformer: named variants, patch embedding, pooling.
+"""Vision Transformer: named variants, patch embedding, pooling, FLIP patch dropping.
 
 A variant string is `NAME` or `NAME/PATCH` (e.g. `"So400m/14"`); explicit
 `width`/`depth`/... fields override the table, so tests can build tiny models.
@@ -67,12 +67,47 @@ def _check_choice(kind: str, value: str, choices) -> None:
     raise ValueError(unknown_name_message(kind, value, choices))
 
 
+def num_kept_patches(num_patches: int, ratio: float) -> int:
+  """How many of `num_patches` tokens survive FLIP dropping at `ratio` (Python `round`)."""
+  if not 0.0 <= ratio < 1.0:
+    raise ValueError(f"ViT patch_dropout must be in [0, 1) (the fraction of patch tokens "
+                     f"dropped in training), got {ratio!r}.")
+  keep = round(num_patches * (1.0 - ratio))
+  if keep < 1:
+    raise ValueError(f"ViT patch_dropout={ratio} keeps no token of the {num_patches} "
+                     f"patches; lower it or use a smaller patch size.")
+  return keep
+
+
+def drop_patches(x: jax.Array, keep: int, rng: jax.Array) -> Tuple[jax.Array, jax.Array]:
+  """Keeps a random `keep` of the N tokens of x [B, N, D], independently per example.
+
+  The first `keep` positions of an argsort of uniform noise are a uniformly random subset
+  (MAE / FLIP). Sorting them keeps the survivors in raster order: the encoder does not care
+  (tokens carry their position embedding), but whoever reads `tokens` sees image order.
+  Returns (x [B, keep, D], indices int32 [B, keep]).
+  """
+  batch, num, _ = x.shape
+  noise = jax.random.uniform(rng, (batch, num))
+  indices = jnp.sort(jnp.argsort(noise, axis=1)[:, :keep], axis=1).astype(jnp.int32)
+  return jnp.take_along_axis(x, indices[:, :, None], axis=1), indices
+
+
 class ViT(nn.Module):
   """ViT image encoder: images [B, H, W, C] in [-1, 1] -> (out, aux).
 
   `out` is the pooled [B, D] embedding (after the optional linear `proj` head of
   `head_dim_out` units), or the tokens [B, N, D] for `pool_type='none'`. `aux`
   holds `tokens` (encoder output) and `pooled` (before `proj`).
+
+  `patch_dropout` (FLIP, Li et al. 2023): with `train=True` only a random
+  round(N * (1 - patch_dropout)) of the N patch tokens enter the encoder, drawn per
+  example from the `"dropout"` rng stream after the position embedding is added (so
+  every kept token still knows where it came from) and before a `tok` class token is
+  prepended (which is always kept). `aux["kept_indices"]` [B, K] then names the patches
+  kept. The point is compute: at 0.5 the encoder runs on half the tokens (attention on a
+  quarter of the pairs), so the image tower costs about half as much per example.
+  `train=False` (evaluation, the default) always sees every patch.
   """
   variant: Optional[str] = None
   width: Optional[int] = None
@@ -86,6 +121,7 @@ class ViT(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   remat_policy: str = "none"
+  patch_dropout: float = 0.0
 
   @property
   def dims(self) -> Dict[str, int]:
@@ -99,7 +135,8 @@ class ViT(nn.Module):
     return self.head_dim_out or self.dims["width"]
 
   @nn.compact
-  def __call__(self, images: jax.Array) -> Tuple[jax.Array, Dict[str, jax.Array]]:
+  def __call__(self, images: jax.Array, train: bool = False
+               ) -> Tuple[jax.Array, Dict[str, jax.Array]]:
     _check_choice("pool type", self.pool_type, POOL_TYPES)
     _check_choice("position embedding", self.posemb, POSEMB_TYPES)
     dims = self.dims
@@ -124,6 +161,12 @@ class ViT(nn.Module):
       pos = layers.posemb_sincos_2d(grid_h, grid_w, width)
     x = x + pos[None].astype(self.dtype)
 
+    # Checked on every call so a bad config fails at init, not at the first train step.
+    keep = num_kept_patches(grid_h * grid_w, self.patch_dropout)
+    kept_indices = None
+    if train and self.patch_dropout > 0:
+      x, kept_indices = drop_patches(x, keep, self.make_rng("dropout"))
+
     if self.pool_type == "tok":
       cls = self.param("cls", layers.partitioned(nn.initializers.zeros_init(),
                                                  (None, None, "embed")),
@@ -136,6 +179,8 @@ class ViT(nn.Module):
         dims["depth"], dims["mlp_dim"], dims["num_heads"], self.dtype,
         self.param_dtype, self.remat_policy, name="encoder")(x)
     aux = {"tokens": tokens}
+    if kept_indices is not None:
+      aux["kept_indices"] = kept_indices
     if self.pool_type == "none":
       return tokens, aux
 
