@@ -107,3 +107,24 @@ def test_predict_errors_name_the_problem(straight_run, tmp_path):
   Image.new("RGB", (8, 8)).save(tmp_path / "ok.png")
   with pytest.raises(ValueError, match="beam_siz"):
     predict.caption_images(workdir, [str(tmp_path / "ok.png")], decode="beam_siz=2")
+
+
+def test_packed_row_settings_are_checked_against_the_model():
+  config = tiny_vlm_config(1)
+  assert trainer.input_config(config, trainer.get_family(config)).tokens_per_image == 4
+  config.input.tokens_per_image = 7  # The ViT gives (16 px / 8) ** 2 = 4.
+  with pytest.raises(config_lib.ConfigError, match="tokens_per_image=7.*gives 4"):
+    trainer.get_family(config)
+  config.input.tokens_per_image = 0
+  config.input.max_images_per_row = 0
+  with pytest.raises(config_lib.ConfigError, match="input.max_images_per_row must be > 0"):
+    trainer.get_family(config)
+
+
+def test_captioning_eval_needs_a_family_that_captions():
+  from vlpjax.evaluators import build_evaluators  # pylint: disable=g-import-not-at-top
+  siglip = config_lib.load(os.path.join(REPO, "experiments", "siglip_shapes.py"))
+  siglip.evals = dict(caption=dict(type="captioning", task="shapes_captions"))
+  siglip = config_lib.finalize(siglip)
+  with pytest.raises(ValueError, match="evals.caption: family 'two_tower' cannot caption"):
+    build_evaluators(siglip, trainer.get_family(siglip), mesh=None)

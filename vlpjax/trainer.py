@@ -83,22 +83,14 @@ def import_data_modules(config) -> None:
 
 
 def input_config(config, family):
-  """config.input with what the family decides filled in (tokens per image of packed rows)."""
+  """config.input with what the family decides filled in (tokens per image of packed rows).
+
+  Prefix-LM families check the packed-row settings when they are built
+  (`families.check_packed_rows`), before any work.
+  """
   data_config = config.input.copy_and_resolve_references()
-  if family.input_format != "prefix_lm":
-    return data_config
-  for key in ("row_length", "max_images_per_row"):
-    if data_config[key] <= 0:
-      raise config_lib.ConfigError(
-          f"config.input.{key} must be > 0 for family {config.family!r}, which trains on "
-          "packed prefix-LM rows (see vlpjax/data/packing.py).")
-  given, needed = data_config.tokens_per_image, family.tokens_per_image
-  if given and given != needed:
-    raise config_lib.ConfigError(
-        f"config.input.tokens_per_image={given}, but the model's image encoder gives {needed} "
-        "tokens per image (image_size / patch_size squared); set it to 0 or "
-        f"{needed}.")
-  data_config.tokens_per_image = needed
+  if family.input_format == "prefix_lm":
+    data_config.tokens_per_image = family.tokens_per_image
   return data_config
 
 

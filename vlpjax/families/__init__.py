@@ -39,6 +39,24 @@ def image_text_specs(input_config, batch_size: int) -> Dict[str, Any]:
           "texts": jax.ShapeDtypeStruct((batch_size, length), jnp.int32)}
 
 
+def check_packed_rows(config, tokens_per_image: int) -> None:
+  """Fails fast on `config.input` settings that packed prefix-LM rows cannot work with.
+
+  `tokens_per_image` is what the family's image encoder gives per image.
+  """
+  for key in ("row_length", "max_images_per_row"):
+    if config.input.get(key, 0) <= 0:
+      raise config_lib.ConfigError(
+          f"config.input.{key} must be > 0 for family {config.family!r}, which trains on "
+          "packed prefix-LM rows (see vlpjax/data/packing.py).")
+  given = config.input.get("tokens_per_image", 0)
+  if given and given != tokens_per_image:
+    raise config_lib.ConfigError(
+        f"config.input.tokens_per_image={given}, but the model's image encoder gives "
+        f"{tokens_per_image} tokens per {config.input.image_size} px image; set it to 0 or "
+        f"{tokens_per_image}.")
+
+
 def checked_model_kwargs(config, model_fields: Sequence[str],
                          parts: Mapping[str, Sequence[str]]) -> Dict[str, Any]:
   """`config.model` as a dict, after checking its keys and those of its sub-dicts `parts`.

@@ -22,7 +22,8 @@ import seqio
 from vlpjax import config as config_lib
 from vlpjax import decoding
 from vlpjax import losses
-from vlpjax.families import FAMILIES, checked_model_kwargs, module_fields
+from vlpjax.families import (FAMILIES, check_packed_rows, checked_model_kwargs,
+                             module_fields)
 from vlpjax.models import decoder as decoder_lib
 from vlpjax.models import vlm as vlm_lib
 from vlpjax.models.vit import ViT
@@ -99,15 +100,7 @@ class VLMFamily:
     self.model = vlm_lib.VLM(dtype=jnp.dtype(config.compute_dtype),
                              remat_policy=config.remat_policy, **model_kwargs)
     self.tokens_per_image = self.model.num_image_tokens(config.input.image_size)
-    given = config.input.get("tokens_per_image", 0)
-    if given and given != self.tokens_per_image:
-      raise config_lib.ConfigError(
-          f"config.input.tokens_per_image={given}, but the ViT gives {self.tokens_per_image} "
-          f"tokens per {config.input.image_size} px image; set it to 0 or "
-          f"{self.tokens_per_image}.")
-    if config.input.get("row_length", 0) <= 0:
-      raise config_lib.ConfigError("config.input.row_length must be > 0 for the VLM family "
-                                   "(tokens per packed row).")
+    check_packed_rows(config, self.tokens_per_image)
     vocab_size = self.model.llm_kwargs().get("vocab_size")
     if vocabulary is not None and vocab_size and vocabulary.vocab_size > vocab_size:
       raise config_lib.ConfigError(
