@@ -74,5 +74,5 @@ def get_family(config):
   """The family named by `config.family`, built for this config."""
   # Importing registers the built-in families; kept local so the registry has no model deps.
   # pylint: disable=g-import-not-at-top,unused-import
-  from vlpjax.families import coca, two_tower, vlm
+  from vlpjax.families import coca, document, two_tower, vlm
   return FAMILIES.get(config.family)(config)

@@ -88,17 +88,18 @@ class VLMFamily:
   """Packed prefix-LM rows with images -> next-token logits; captions images."""
 
   input_format = "prefix_lm"
+  model_class = vlm_lib.VLM  # Families that extend the VLM (documents) swap the module.
   batch_keys = TOKEN_KEYS + ("images",)
 
   def __init__(self, config):
     self.config = config
     model_kwargs = checked_model_kwargs(
-        config, module_fields(vlm_lib.VLM),
+        config, module_fields(self.model_class),
         {"image": module_fields(ViT), "llm": module_fields(decoder_lib.Decoder)})
     vocabulary = _task_vocabulary(config.input.task) if config.input.task else None
     model_kwargs["image_token_id"] = _image_token_id(config, model_kwargs, vocabulary)
-    self.model = vlm_lib.VLM(dtype=jnp.dtype(config.compute_dtype),
-                             remat_policy=config.remat_policy, **model_kwargs)
+    self.model = self.model_class(dtype=jnp.dtype(config.compute_dtype),
+                                  remat_policy=config.remat_policy, **model_kwargs)
     self.tokens_per_image = self.model.num_image_tokens(config.input.image_size)
     check_packed_rows(config, self.tokens_per_image)
     vocab_size = self.model.llm_kwargs().get("vocab_size")

@@ -1,6 +1,7 @@
 """Model registry: configs name a model family by string."""
 from vlpjax.models.coca import CoCa
 from vlpjax.models.decoder import Decoder
+from vlpjax.models.document import DocumentModel
 from vlpjax.models.text import TextEncoder
 from vlpjax.models.two_tower import TwoTower
 from vlpjax.models.vit import ViT
@@ -14,6 +15,7 @@ MODELS.register("text")(TextEncoder)
 MODELS.register("decoder")(Decoder)
 MODELS.register("coca")(CoCa)
 MODELS.register("vlm")(VLM)
+MODELS.register("document")(DocumentModel)
 
 
 def get_model(name: str):
