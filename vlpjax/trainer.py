@@ -27,7 +27,7 @@ from vlpjax.data import pipeline
 from vlpjax.data import prefix_lm_pipeline
 from vlpjax.data import tasks
 from vlpjax.evaluators import build_evaluators
-from vlpjax.families import get_family
+from vlpjax.families import get_family, input_config
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -80,18 +80,6 @@ def import_data_modules(config) -> None:
   if config.input.cache_dir:
     # Where `seqio_cache_tasks` wrote the cache (read when input.use_cached is set).
     cache.use_cache_dir(config.input.cache_dir)
-
-
-def input_config(config, family):
-  """config.input with what the family decides filled in (tokens per image of packed rows).
-
-  Prefix-LM families check the packed-row settings when they are built
-  (`families.check_packed_rows`), before any work.
-  """
-  data_config = config.input.copy_and_resolve_references()
-  if family.input_format == "prefix_lm":
-    data_config.tokens_per_image = family.tokens_per_image
-  return data_config
 
 
 def make_train_batches(config, family, start_position: int):

@@ -22,7 +22,7 @@ from typing import Dict, Iterator, List
 import jax
 import numpy as np
 
-from vlpjax import trainer
+from vlpjax import families
 from vlpjax.data import bad_records
 from vlpjax.data import packing
 from vlpjax.data import prefix_lm_pipeline
@@ -55,7 +55,7 @@ class PrefixLMLoss:
     self.drop_images = bool(cfg.get("drop_images", False))
     self.max_examples = int(cfg.get("max_examples", 0))
     self.batch_size = int(cfg.get("batch_size", config.global_batch_size))
-    self.data_config = trainer.input_config(config, family)
+    self.data_config = families.input_config(config, family)
     self.data_config.update(task=cfg["task"], split=cfg.get("split", "validation"),
                             pp=cfg.get("pp", ""))
     self.family, self.config, self.mesh = family, config, mesh

@@ -30,6 +30,18 @@ def module_fields(cls):
   return [f.name for f in dataclasses.fields(cls) if f.name not in ("parent", "name")]
 
 
+def input_config(config, family):
+  """config.input with what the family decides filled in (tokens per image of packed rows).
+
+  Prefix-LM families check the packed-row settings when they are built
+  (`check_packed_rows`), before any work.
+  """
+  data_config = config.input.copy_and_resolve_references()
+  if family.input_format == "prefix_lm":
+    data_config.tokens_per_image = family.tokens_per_image
+  return data_config
+
+
 def image_text_specs(input_config, batch_size: int) -> Dict[str, Any]:
   """Shapes of an "image_text" batch: images [B, S, S, 3] in [-1, 1], padded token ids [B, L]."""
   import jax  # pylint: disable=g-import-not-at-top  (the registry itself needs no JAX)
