@@ -6,6 +6,7 @@ Registered on import:
   documents_udop_visual_text_recognition  /
   documents_udop   a Mixture of the three, equal rates
   documents_qa     document QA ("question: ... context: ..." -> answer)
+  documents_udop_qa  a Mixture of the three objectives and QA, equal rates
 
 All over the embedded generator (128 px pages, 64 px images). Users' TFRecords
 (schema in `vlpjax.data.kinds.document`) become a task with
@@ -91,5 +92,19 @@ def register_document_tfrecord_task(
                                        **objective_options))
 
 
+UDOP_QA_NAME = "documents_udop_qa"
+
+
+def register_udop_qa_mixture(name: str = UDOP_QA_NAME, qa_rate: float = 1.0,
+                             udop_name: str = UDOP_NAME, qa_name: str = QA_NAME
+                             ) -> seqio.Mixture:
+  """The three UDOP objectives (`register_documents_udop(udop_name)`) and document QA
+  (`register_documents_qa(qa_name)`) in one Mixture, QA at `qa_rate` times each objective's
+  rate: UDOP's pretraining recipe mixes the self-supervised objectives with supervised tasks."""
+  members = [f"{udop_name}_{objective}" for objective in objectives.UDOP_OBJECTIVES]
+  return tasks.add_mixture(name, [(m, 1.0) for m in members] + [(qa_name, qa_rate)])
+
+
 register_documents_udop()
 register_documents_qa()
+register_udop_qa_mixture()

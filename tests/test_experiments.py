@@ -37,6 +37,12 @@ def test_siglip_b16_builds_and_lowers_with_a_shrunk_batch():
     ("coca_b16.py:batch=16", 200e6, 300e6),
     # So400m/14 (0.4B) + a Gemma-2B-shaped decoder (2.5B with its 257k-row embedding).
     ("vlm_3b.py:batch=16", 2.7e9, 3.1e9),
+    # ViT-B/16 (86M) + 12 temporal layers (85M) + a 12-layer decoder with cross-attention
+    # (~140M with its untied 32k vocabulary): Vid2Seq's scale.
+    ("vid2seq_b16.py:batch=16", 250e6, 400e6),
+    ("vid2seq_b16.py:batch=16,features=768,arch=prefix_lm", 150e6, 300e6),
+    # ViT-L/16 (0.3B) + a 24-layer width-1024 decoder with a 33.5k vocabulary (0.37B).
+    ("udop_large.py:batch=16", 0.6e9, 0.75e9),
 ])
 def test_generative_pod_configs_build_and_lower(spec, low, high):
   config = config_lib.finalize(config_lib.load(os.path.join(REPO, "experiments", spec)))

@@ -84,7 +84,8 @@ def test_convert_example_hand_checked():
   }
   for k, v in expected.items():
     np.testing.assert_array_equal(got[k], np.asarray(v, np.int32), err_msg=k)
-    assert got[k].dtype == np.int32, k
+    # Loss weights are float32 (per-task weights); 1.0 / 0.0 without one.
+    assert got[k].dtype == (np.float32 if k == "decoder_loss_weights" else np.int32), k
   np.testing.assert_array_equal(got["images"], images)
 
 
@@ -189,12 +190,12 @@ def test_first_fit_respects_image_capacity():
   assert rows[0]["decoder_segment_ids"].max() == 3
 
 
-def _check_row_invariants(row, row_length, max_images, t):
+def _check_row_invariants(row, row_length, max_images, t, loss_weights=(1.0,)):
   seg, pos = row["decoder_segment_ids"], row["decoder_positions"]
   tok, inp = row["decoder_target_tokens"], row["decoder_input_tokens"]
   lw, causal = row["decoder_loss_weights"], row["decoder_causal_attention"]
-  assert all(row[k].shape == (row_length,) and row[k].dtype == np.int32
-             for k in packing.TOKEN_FEATURES)
+  assert all(row[k].shape == (row_length,) and row[k].dtype == (
+      np.float32 if k == "decoder_loss_weights" else np.int32) for k in packing.TOKEN_FEATURES)
   assert row["images"].shape == (max_images,) + HW
   pad = seg == 0
   # Padding is a zero suffix in every token feature.
@@ -207,10 +208,13 @@ def _check_row_invariants(row, row_length, max_images, t):
     assert at.size and np.all(np.diff(at) == 1)
     np.testing.assert_array_equal(pos[at], np.arange(at.size))
     np.testing.assert_array_equal(inp[at], np.concatenate([[0], tok[at][:-1]]))
-    # Loss exactly on the targets: a non-empty suffix without image tokens; the
-    # prefix is bidirectional on its n_prefix tokens plus one (seqio).
-    n_prefix = int(np.sum(lw[at] == 0))
-    np.testing.assert_array_equal(lw[at], np.arange(at.size) >= n_prefix)
+    # Loss exactly on the targets (at the example's weight, one of `loss_weights`): a
+    # non-empty suffix without image tokens; the prefix is bidirectional on its
+    # n_prefix tokens plus one (seqio).
+    n_prefix = int(np.sum(causal[at])) - 1
+    weight = lw[at][-1]
+    assert weight in loss_weights
+    np.testing.assert_array_equal(lw[at], np.where(np.arange(at.size) >= n_prefix, weight, 0))
     np.testing.assert_array_equal(causal[at], np.arange(at.size) < n_prefix + 1)
     assert n_prefix < at.size and not np.any(tok[at][n_prefix:] == IMG)
   # Images: valid slots are a prefix; k-th group of T image tokens <-> k-th valid slot.
@@ -517,3 +521,139 @@ def test_rows_and_batches_with_and_without_boxes():
   assert batch["decoder_boxes"].shape == (2, 8, 4)
   np.testing.assert_array_equal(batch["decoder_boxes"][0], np.zeros((8, 4)))
   np.testing.assert_array_equal(batch["decoder_boxes"][1], row_mixed["decoder_boxes"])
+
+
+# ----------------------------------------------------------------------------------
+# Per-example loss weights and image times (video kinds)
+# ----------------------------------------------------------------------------------
+
+
+def test_convert_example_loss_weight_and_times_hand_checked():
+  images = _images(np.random.default_rng(15), 1)
+  # The module docstring's example with loss_weight 0.5.
+  ex = _example([5, IMG, 6], [7, 1], images, loss_weight=0.5, image_times=[0.25])
+  got = packing.convert_example(ex, tokens_per_image=2, image_token_id=IMG)
+  np.testing.assert_array_equal(got["decoder_loss_weights"],
+                                np.float32([0, 0, 0, 0, 0.5, 0.5]))
+  assert got["decoder_loss_weights"].dtype == np.float32
+  np.testing.assert_array_equal(got["image_times"], np.float32([0.25]))
+  plain = packing.convert_example(_example([5], [7, 1]), tokens_per_image=2,
+                                  image_token_id=IMG)
+  np.testing.assert_array_equal(plain["decoder_loss_weights"], np.float32([0, 1, 1]))
+  assert "image_times" not in plain
+  zero = packing.convert_example(_example([5], [7, 1], loss_weight=np.float32(0)),
+                                 tokens_per_image=2, image_token_id=IMG)
+  assert not zero["decoder_loss_weights"].any()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (dict(loss_weight=-0.5), r"'w'.*loss_weight is -0.5"),
+    (dict(loss_weight=np.nan), r"'w'.*loss_weight is nan"),
+    (dict(loss_weight=[1.0, 2.0]), r"'w'.*loss_weight must be a scalar"),
+    (dict(image_times=[0.5]), r"'w'.*image_times have shape \[1\], expected \[2\]"),
+    (dict(image_times=[0.5, 1.5]), r"'w'.*image_times\[1\] is 1.5"),
+    (dict(image_times=[np.inf, 0.5]), r"'w'.*image_times\[0\] is inf"),
+    (dict(image_times=[0.5, -0.1]), r"'w'.*image_times\[1\] is -0.1"),
+])
+def test_bad_loss_weight_and_times_named(extra, message):
+  ex = _example([IMG, IMG], [1], _images(np.random.default_rng(16), 2), id="w", **extra)
+  with pytest.raises(ValueError, match=message):
+    packing.convert_example(ex, tokens_per_image=2, image_token_id=IMG)
+  with pytest.raises(ValueError, match=message):
+    _pack([ex])
+
+
+def test_truncation_drops_times_with_their_images():
+  images = _images(np.random.default_rng(17), 3)
+  times = np.float32([0.1, 0.5, 0.9])
+  ex = _example([5, IMG, 6, IMG, 7, IMG], [1, 2], images, image_times=times,
+                loss_weight=0.25)
+  out = _truncate(ex, max_images_per_row=2)
+  np.testing.assert_array_equal(out["image_times"], times[:2])
+  assert out["loss_weight"] == 0.25
+  out = _truncate(ex, row_length=8, max_images_per_row=3)  # prefix cut to [5, IMG, 6]
+  np.testing.assert_array_equal(out["images"], images[:1])
+  np.testing.assert_array_equal(out["image_times"], times[:1])
+  assert "image_times" not in _truncate(_example([5], [1]))
+  assert "loss_weight" not in _truncate(_example([5], [1]))
+
+
+@pytest.mark.parametrize("row_length", [32, 12])  # 12: many examples are truncated
+def test_times_and_weights_stay_with_their_examples_after_packing(row_length):
+  rng = np.random.default_rng(18)
+  examples = []
+  for i in range(200):
+    ex = _random_example(rng, max_images=3)
+    n_img = int(np.sum(ex["inputs"] == IMG))
+    if i % 3:  # A third without times, so rows mix both.
+      ex["image_times"] = rng.uniform(0, 1, n_img).astype(np.float32)
+    if i % 4:
+      ex["loss_weight"] = float(rng.choice([0.0, 0.5, 2.0]))
+    examples.append(ex)
+  # Images are random, so an image's first value identifies it (and its time).
+  time_of = {float(img.flat[0]): t for ex in examples if "image_times" in ex
+             for img, t in zip(ex.get("images", ()), ex["image_times"])}
+  rows = _pack(examples, row_length=row_length, max_images_per_row=3, tokens_per_image=4)
+  n_timed = 0
+  for row in rows:
+    _check_row_invariants(row, row_length, 3, 4, loss_weights=(0.0, 0.5, 1.0, 2.0))
+    times = row.get("image_times", np.zeros(3, np.float32))
+    assert times.shape == (3,) and times.dtype == np.float32
+    for slot in range(3):
+      want = time_of.get(float(row["images"][slot].flat[0]), 0.0) if row["image_mask"][
+          slot] else 0.0
+      assert times[slot] == np.float32(want), slot
+      n_timed += row["image_mask"][slot] and want != 0
+  assert n_timed > 100
+  # Each segment's targets weigh its example's loss_weight (examples are packed in
+  # stream order within a row, so segments are matched by their target tokens).
+  weights = collections.Counter()
+  for row in rows:
+    seg, lw = row["decoder_segment_ids"], row["decoder_loss_weights"]
+    for s in range(1, seg.max() + 1):
+      target = lw[seg == s][lw[seg == s] > 0]
+      assert np.unique(target).size <= 1
+      weights[float(target[0]) if target.size else 0.0] += 1
+  want = collections.Counter(float(ex.get("loss_weight", 1.0)) for ex in examples)
+  assert weights == want
+
+
+def test_rows_and_batches_with_and_without_times():
+  images = _images(np.random.default_rng(19), 2)
+  plain = _example([IMG, 3], [5, 1], images[:1])
+  timed = _example([IMG, 6], [8, 1], images[1:], image_times=[0.75])
+  row_plain, = _pack([plain], row_length=16)
+  assert "image_times" not in row_plain
+  row_always, = _pack([plain], row_length=16, with_image_times=True)
+  np.testing.assert_array_equal(row_always["image_times"], np.zeros(3))
+  row_never, = _pack([timed], row_length=16, with_image_times=False)
+  assert "image_times" not in row_never
+  row_mixed, = _pack([plain, timed], row_length=16, tokens_per_image=2)
+  np.testing.assert_array_equal(row_mixed["image_times"], np.float32([0, 0.75, 0]))
+  np.testing.assert_array_equal(row_mixed["image_segment_ids"], [1, 2, 0])
+  batch = packing.batch_rows([row_plain, row_mixed])
+  assert batch["image_times"].shape == (2, 3) and batch["image_times"].dtype == np.float32
+  np.testing.assert_array_equal(batch["image_times"][0], np.zeros(3))
+  np.testing.assert_array_equal(batch["image_times"][1], row_mixed["image_times"])
+
+
+def test_feature_vectors_pack_as_images():
+  """Precomputed frame features [n, D] travel like pictures when image_shape = (D,)."""
+  rng = np.random.default_rng(20)
+  feats = [rng.standard_normal((n, 5)).astype(np.float32) for n in (2, 1)]
+  examples = [_example([IMG, IMG, 4], [5, 1], feats[0], image_times=[0.25, 0.75]),
+              _example([IMG], [6, 1], feats[1], image_times=[0.5]),
+              _example([7], [1])]
+  (row,) = _pack(examples, row_length=32, max_images_per_row=4, tokens_per_image=1,
+                 image_shape=(5,))
+  assert row["images"].shape == (4, 5)
+  np.testing.assert_array_equal(row["images"][:3], np.concatenate(feats))
+  np.testing.assert_array_equal(row["image_times"], np.float32([0.25, 0.75, 0.5, 0]))
+  np.testing.assert_array_equal(row["image_segment_ids"], [1, 1, 2, 0])
+  with pytest.raises(ValueError, match=r"images have shape \[2, 5\], expected \[n, 6\]"):
+    _pack(examples[:1], image_shape=(6,))
+  with pytest.raises(ValueError, match=r"images have shape \[2, 5\], expected \[n, 2, 3, 3\]"):
+    _pack(examples[:1])
+  got = packing.convert_example(examples[1], tokens_per_image=1, image_token_id=IMG,
+                                image_shape=(5,))
+  np.testing.assert_array_equal(got["images"], feats[1])

@@ -136,3 +136,85 @@ def test_all_kinds_pack_together_with_layout_and_skip_counts():
     assert batch["decoder_boxes"].min() >= 0 and batch["decoder_boxes"].max() <= 1
   assert set(batches.counts) == set(names) and all(n > 0 for n in batches.counts.values())
   assert batches.skipped.total == 0
+
+
+def _config_with(task, **changes):
+  config = _config(task)
+  for key, value in changes.items():
+    config[key] = value
+  return config
+
+
+def test_task_loss_weights_weigh_their_tasks_targets(mixture_name):
+  """{images: 0.5}: the image task's target tokens weigh 0.5, the text task's 1.0."""
+  weighted = prefix_lm_pipeline.PrefixLMBatches(
+      _config_with(mixture_name, task_loss_weights=ml_collections.ConfigDict(
+          {"plm_test_images": 0.5})), global_batch_size=4, seed=0)
+  plain = prefix_lm_pipeline.PrefixLMBatches(_config(mixture_name), global_batch_size=4,
+                                             seed=0)
+  seen = {0.5: 0, 1.0: 0}
+  for _ in range(3):
+    got, want = next(weighted), next(plain)
+    assert got["decoder_loss_weights"].dtype == np.float32
+    # Weights change nothing but the weights: same rows.
+    for key in want:
+      if key != "decoder_loss_weights":
+        np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+    np.testing.assert_array_equal(got["decoder_loss_weights"] > 0,
+                                  want["decoder_loss_weights"] > 0)
+    # Every example of the image task has images, the text task's none.
+    for b in range(4):
+      seg, lw = got["decoder_segment_ids"][b], got["decoder_loss_weights"][b]
+      image_segments = set(got["image_segment_ids"][b][got["image_mask"][b]].tolist())
+      for s in range(1, seg.max() + 1):
+        targets = lw[(seg == s) & (want["decoder_loss_weights"][b] > 0)]
+        weight = 0.5 if s in image_segments else 1.0
+        np.testing.assert_array_equal(targets, np.full(targets.size, weight, np.float32))
+        seen[weight] += targets.size
+  assert seen[0.5] > 0 and seen[1.0] > 0
+
+
+def test_task_loss_weights_errors(mixture_name):
+  with pytest.raises(ValueError, match=r"'plm_test_imags'.*Did you mean 'plm_test_images'"):
+    prefix_lm_pipeline.PrefixLMBatches(
+        _config_with(mixture_name, task_loss_weights={"plm_test_imags": 0.5}),
+        global_batch_size=4, seed=0)
+  with pytest.raises(ValueError, match=r"task_loss_weights\['plm_test_text'\] is -1"):
+    prefix_lm_pipeline.PrefixLMBatches(
+        _config_with(mixture_name, task_loss_weights={"plm_test_text": -1}),
+        global_batch_size=4, seed=0)
+  assert prefix_lm_pipeline.task_loss_weights(_config(mixture_name), ["a"]) == {}
+
+
+def test_video_frame_times_reach_the_rows():
+  """Grounding clips packed with a task without times: times on the frames' slots only."""
+  import functools  # pylint: disable=g-import-not-at-top
+  from data_mixtures import videos  # pylint: disable=g-import-not-at-top
+  from vlpjax.data import kinds  # pylint: disable=g-import-not-at-top
+  videos.register_grounding_task("plm_test_grounding", num_frames=2, frame_size=SIZE,
+                                 clip_frames=4, split_sizes={"train": 6})
+  # A seqio mixture needs the same output features: the kinds' shared ones.
+  tasks.add_task("plm_test_kind_text", source=seqio.FunctionDataSource(
+      functools.partial(_dataset_fn, with_images=False), splits=["train"]),
+                 output_features=kinds.output_features(), preprocessors=[])
+  if "plm_test_video_mix" in seqio.MixtureRegistry.names():
+    seqio.MixtureRegistry.remove("plm_test_video_mix")
+  seqio.MixtureRegistry.add("plm_test_video_mix", [("plm_test_grounding", 1.0),
+                                                   ("plm_test_kind_text", 1.0)])
+  batches = prefix_lm_pipeline.PrefixLMBatches(
+      _config_with("plm_test_video_mix", task_loss_weights={"plm_test_grounding": 2.0}),
+      global_batch_size=2, seed=0)
+  n_clips = 0
+  for _ in range(3):
+    batch = next(batches)
+    assert batch["image_times"].shape == (2, 4) and batch["image_times"].dtype == np.float32
+    assert not batch["image_times"][~batch["image_mask"]].any()
+    for b in range(2):
+      slots = batch["image_segment_ids"][b]
+      for s in set(slots[batch["image_mask"][b]].tolist()):
+        # 4-frame clips, F = 2: frames 1 and 3, at (index + 0.5) / 4 of the clip.
+        np.testing.assert_allclose(batch["image_times"][b][slots == s], [0.375, 0.875])
+        lw = batch["decoder_loss_weights"][b][batch["decoder_segment_ids"][b] == s]
+        assert set(lw.tolist()) == {0.0, 2.0}
+        n_clips += 1
+  assert n_clips > 0 and batches.counts["plm_test_kind_text"] > 0

@@ -322,7 +322,9 @@ def test_every_bad_record_gets_its_reason(objective):
   cases = BAD + [(dict(frames=[_png(10), b"not an image", _png(30)]), "corrupt frame: ")]
   got = _run([_hand_record(**changes) for changes, _ in cases] + [_hand_record()], objective,
              num_frames=3)
-  assert len(got) == len(cases) + 1  # Bad records stay, with valid shapes.
+  # Bad records stay, once each, with valid shapes; grounding asks about each of the
+  # good record's 2 events.
+  assert len(got) == len(cases) + (2 if objective == "grounding" else 1)
   for ex, (changes, reason) in zip(got, cases):
     if reason.endswith(": "):
       assert ex["problem"].decode().startswith("corrupt frame: frame 1 of 3: "), ex["problem"]
@@ -378,7 +380,8 @@ def test_tfrecord_task_equals_generated_task(tmp_path):
   path = str(tmp_path / "videos.tfrecord")
   videos.write_tfrecords("validation", path, num_frames=6, frame_size=16, num_examples=4)
   for objective, register in (("dense_captions", video_tasks.register_dense_captions_task),
-                              ("span_denoising", video_tasks.register_span_denoising_task)):
+                              ("span_denoising", video_tasks.register_span_denoising_task),
+                              ("grounding", video_tasks.register_grounding_task)):
     register(f"test_videos_mem_{objective}", split_sizes={"validation": 4}, clip_frames=6,
              **sizes)
     video_tasks.register_video_tfrecord_task(
@@ -394,7 +397,8 @@ def test_tfrecord_task_equals_generated_task(tmp_path):
 
 
 def test_registered_tasks_and_frame_feature_records(tmp_path):
-  for name in (video_tasks.DENSE_CAPTIONS_TASK, video_tasks.SPAN_DENOISING_TASK):
+  for name in (video_tasks.DENSE_CAPTIONS_TASK, video_tasks.SPAN_DENOISING_TASK,
+               video_tasks.GROUNDING_TASK):
     assert name in seqio.TaskRegistry.names()
   dim = 3
   good = dict(_hand_record(frames=None), id="feat/0",
@@ -410,11 +414,138 @@ def test_registered_tasks_and_frame_feature_records(tmp_path):
   video_tasks.register_video_tfrecord_task("test_videos_features", {"validation": path},
                                            num_frames=4, frame_feature_dim=dim)
   first, second = _task_examples("test_videos_features")
-  assert first["problem"] == b"" and first["images"].shape == (0, 32, 32, 3)
+  # The real frames' features are the "images", one <image> each, as frames would be.
+  assert first["problem"] == b"" and first["images"].dtype == np.float32
   # 5 frames, F = 4: frames floor((i + 0.5) * 5 / 4) = 0, 1, 3, 4.
-  np.testing.assert_array_equal(first["frame_features"],
+  np.testing.assert_array_equal(first["images"],
                                 np.arange(15, dtype=np.float32).reshape(5, 3)[[0, 1, 3, 4]])
-  assert first["frame_mask"].all() and first["inputs"].tolist()[:2] == _times(25, 40)
+  assert first["inputs"].tolist()[:6] == [IDS.image_id(0)] * 4 + _times(25, 40)
+  np.testing.assert_allclose(first["frame_times"], np.float32([0.5, 1.5, 3.5, 4.5]) * 10 / 5)
+  np.testing.assert_allclose(first["image_times"], np.float32([0.5, 1.5, 3.5, 4.5]) / 5)
+  assert "frame_features" not in first and "frame_mask" not in first
   assert second["problem"] == b"bad frame_features: 7 values are not a multiple of D=3"
-  assert second["frame_features"].shape == (4, 3) and second["frame_mask"].tolist() == [
-      True, True, False, False]
+  # Whole rows only: 2 frames of 3 values, both real (F = 4 pads).
+  np.testing.assert_array_equal(second["images"], np.ones((2, 3), np.float32))
+  assert second["inputs"].tolist().count(IDS.image_id(0)) == 2
+
+
+# --------------------------------------------------------------------------------
+# Temporal grounding and frame times
+# --------------------------------------------------------------------------------
+
+
+def test_grounding_examples_hand_checked():
+  (first, second) = _run([_hand_record()], "grounding", num_frames=3)
+  prompt = VOCAB.encode("query:")
+  images = [IDS.image_id(0)] * 3
+  # One example per event, in record order (the first event is the later one).
+  assert [first["id"], second["id"]] == [b"hand/0#0", b"hand/0#1"]
+  assert first["inputs"].tolist() == images + prompt + VOCAB.encode(
+      "the circle moves to the right")
+  assert first["targets"].tolist() == _times(50, 72) + [VOCAB.eos_id]
+  assert second["inputs"].tolist() == images + prompt + VOCAB.encode("a red circle appears")
+  assert second["targets"].tolist() == _times(20, 45) + [VOCAB.eos_id]
+  assert VOCAB.decode(second["inputs"][3:].tolist()) == "query: a red circle appears"
+  for ex in (first, second):
+    assert ex["problem"] == b"" and float(ex["duration"]) == 10.0
+    np.testing.assert_array_equal(ex["images"][:, 0, 0, 0], [10, 20, 30])
+    np.testing.assert_allclose(ex["frame_times"], [5 / 3, 5.0, 25 / 3], rtol=1e-6)
+    np.testing.assert_allclose(ex["image_times"], [1 / 6, 1 / 2, 5 / 6], rtol=1e-6)
+  (bare, _) = _run([_hand_record()], "grounding", num_frames=3, grounding_prompt="")
+  assert bare["inputs"].tolist() == images + VOCAB.encode("the circle moves to the right")
+  # Records without events ask nothing; the others go on.
+  got = _run([_hand_record(start=[], end=[], caption=[]), _hand_record(id="hand/1")],
+             "grounding", num_frames=3)
+  assert [ex["id"] for ex in got] == [b"hand/1#0", b"hand/1#1"]
+
+
+def test_grounding_round_trips_generated_events():
+  recs = [videos.generate_example("validation", i, num_frames=8) for i in range(6)]
+  got = _run(recs, "grounding", num_frames=4, frame_size=8, num_bins=50)
+  assert len(got) == sum(len(r["caption"]) for r in recs) > 6
+  events = [(r["id"], i, s, e, c) for r in recs
+            for i, (s, e, c) in enumerate(zip(r["start"], r["end"], r["caption"]))]
+  prompt = len(VOCAB.encode("query:"))
+  for ex, (rid, i, start, end, caption) in zip(got, events):
+    assert ex["id"].decode() == f"{rid}#{i}" and ex["problem"] == b""
+    n_images = len(ex["images"])
+    query = VOCAB.decode(ex["inputs"][n_images + prompt:].tolist())
+    duration = float(ex["duration"])
+    ids = ex["targets"].tolist()[:2] + VOCAB.encode(query)
+    ((s, e, text),) = video_targets.parse_events(ids, duration, num_bins=50)
+    assert text == caption
+    half_bin = duration / 49 / 2 * (1 + 1e-5)
+    assert abs(s - start) <= half_bin and abs(e - end) <= half_bin
+    assert video_targets.parse_moment(ex["targets"], duration, num_bins=50) == (s, e)
+
+
+def test_parse_moment_reads_answers():
+  parse = lambda text: video_targets.parse_moment(text, duration=99.0)  # Bin k = k s.
+  assert parse("<time_10><time_20>") == (10.0, 20.0)
+  assert parse(" at <time_3> until <time_3> then <time_9>") == (3.0, 3.0)
+  assert parse("<time_20><time_10>") is None and parse("<time_5>") is None
+  assert parse("") is None and parse("<time_150><time_2>") is None
+  ids = [0] + _times(4, 8) + [VOCAB.eos_id] + _times(1, 2)
+  assert video_targets.parse_moment(ids, duration=99.0) == (4.0, 8.0)
+  assert video_targets.parse_moment(_times(4) + [VOCAB.eos_id] + _times(8), 99.0) is None
+
+
+@pytest.mark.parametrize("objective", video_tasks.OBJECTIVES)
+def test_image_times_are_frame_times_over_duration(objective):
+  recs = [videos.generate_example("train", i, num_frames=5) for i in range(4)]
+  got = _run(recs, objective, num_frames=4, frame_size=8, seed=1)
+  assert got
+  for ex in got:
+    assert ex["image_times"].dtype == np.float32
+    assert ex["image_times"].shape == (len(ex["images"]),)
+    np.testing.assert_allclose(ex["image_times"], ex["frame_times"] / ex["duration"],
+                               rtol=1e-6)
+    # 5 frames, F = 4: indices 0, 1, 3, 4, times (index + 0.5) / 5 whatever the duration.
+    np.testing.assert_allclose(ex["image_times"], [0.1, 0.3, 0.7, 0.9], rtol=1e-6)
+  # Padded slots of short clips have no time: only the real frames are images.
+  (short,) = _run([_hand_record(frames=[_png(1), _png(2)], duration=[4.0])], num_frames=4)
+  np.testing.assert_allclose(short["image_times"], [0.25, 0.75])
+
+
+def test_frame_features_pack_and_batch_as_images(tmp_path):
+  """Feature records -> grounding examples -> packed rows whose images are feature vectors."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from vlpjax.data import prefix_lm_pipeline  # pylint: disable=g-import-not-at-top
+  dim, rng = 6, np.random.default_rng(3)
+  path = str(tmp_path / "features.tfrecord")
+  features_of = {}
+  with tf.io.TFRecordWriter(path) as writer:
+    for i in range(6):
+      record = dict(_hand_record(frames=None), id=f"feat/{i}")
+      features = rng.standard_normal((3 + i % 2, dim)).astype(np.float32)
+      features_of[record["id"]] = features
+      example = tf.train.Example.FromString(_serialize(record))
+      example.features.feature["frame_features"].CopyFrom(
+          records.float_feature(features.reshape(-1)))
+      writer.write(example.SerializeToString())
+  video_tasks.register_video_tfrecord_task("test_videos_feature_grounding",
+                                           {"train": path}, "grounding", num_frames=2,
+                                           frame_feature_dim=dim)
+  config = ml_collections.ConfigDict(dict(
+      task="test_videos_feature_grounding", split="train", pp="", shuffle_buffer=4,
+      row_length=64, max_images_per_row=4, tokens_per_image=1, image_size=32,
+      frame_feature_dim=dim))
+  batch = next(prefix_lm_pipeline.PrefixLMBatches(config, global_batch_size=2, seed=0))
+  assert batch["images"].shape == (2, 4, dim) and batch["images"].dtype == np.float32
+  # Every valid slot holds a picked frame's features with its time: F = 2 of n = 3 or 4
+  # frames are indices floor((i + 0.5) * n / 2) = (0, 2) or (1, 3), at (index + .5) / n.
+  picked = {}
+  for features in features_of.values():
+    n = len(features)
+    for index in ((0, 2) if n == 3 else (1, 3)):
+      picked[features[index].tobytes()] = (index + 0.5) / n
+  n_slots = 0
+  for b in range(2):
+    for slot in np.flatnonzero(batch["image_mask"][b]):
+      assert batch["images"][b, slot].tobytes() in picked
+      np.testing.assert_allclose(batch["image_times"][b, slot],
+                                 picked[batch["images"][b, slot].tobytes()], rtol=1e-6)
+      n_slots += 1
+  assert n_slots >= 4
+  assert not batch["images"][~batch["image_mask"]].any()
+  assert not batch["image_times"][~batch["image_mask"]].any()

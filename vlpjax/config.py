@@ -73,6 +73,8 @@ def defaults() -> ConfigDict:
       row_length=0,             # tokens per packed row
       max_images_per_row=0,     # image slots per row
       tokens_per_image=0,       # 0 = what the model's image encoder gives (checked if set)
+      task_loss_weights=ConfigDict(),  # task name -> weight of its target tokens (default 1)
+      frame_feature_dim=0,      # > 0: the "images" are precomputed frame features [D]
   ))
   c.data_modules = ["data_mixtures"]  # imported so their seqio tasks are registered
 
@@ -88,7 +90,8 @@ def defaults() -> ConfigDict:
 _CHOICES = {"input.bad_records": ("error", "skip")}
 
 # Sections whose contents are checked by their consumer rather than by `defaults()`.
-_OPEN_SECTIONS = ("model", "evals", "input.files", "loss_weights", "pretrained")
+_OPEN_SECTIONS = ("model", "evals", "input.files", "input.task_loss_weights", "loss_weights",
+                  "pretrained")
 
 
 def load(spec: str) -> ConfigDict:

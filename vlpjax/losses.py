@@ -89,11 +89,18 @@ def softmax_contrastive_loss(zimg: jax.Array, ztxt: jax.Array,
 
 def token_statistics(logits: jax.Array, targets: jax.Array, weights: jax.Array
                      ) -> Dict[str, jax.Array]:
-  """Per-example sums over tokens: weighted cross-entropy, weight, and correct argmaxes."""
+  """Per-example sums over tokens: weighted cross-entropy, weight, correct argmaxes, count.
+
+  `weights` may differ from 1 (per-task loss weights): `loss_sum` is weighted, while
+  `correct_sum` and `count_sum` count the tokens with weight > 0, so a loss normalised by
+  `count_sum` sums the tasks' losses with their weights.
+  """
   logits = logits.astype(jnp.float32)
   target_logits = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
   cross_entropy = jax.nn.logsumexp(logits, axis=-1) - target_logits
   correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+  counted = (weights > 0).astype(jnp.float32)
   return {"loss_sum": jnp.sum(cross_entropy * weights, axis=1),
           "weight_sum": jnp.sum(weights, axis=1),
-          "correct_sum": jnp.sum(correct * weights, axis=1)}
+          "correct_sum": jnp.sum(correct * counted, axis=1),
+          "count_sum": jnp.sum(counted, axis=1)}

@@ -8,10 +8,16 @@ images of every packed row.
 Per-example input (a dict of numpy arrays):
   inputs   int32 [n_in]        prefix tokens; each image's place is ONE `image_token_id`
   targets  int32 [n_tgt >= 1]  tokens to predict; must not contain `image_token_id`
-  images   float32 [n_img, H, W, 3] in placeholder order (may be absent when n_img == 0)
+  images   float32 [n_img, *image_shape] in placeholder order (may be absent when
+           n_img == 0); image_shape is (H, W, 3) for pictures, or (D,) for precomputed
+           features (video frames' features, one "image" per frame)
   id       optional; named in error messages
   input_boxes  optional float32 [n_in, 4]: a per-token layout box aligned with `inputs`
            (document kinds; 0 on tokens without a box, such as image placeholders)
+  image_times  optional float32 [n_img] in [0, 1]: each image's relative time in its
+           clip (video kinds), aligned with `images`
+  loss_weight  optional scalar, finite and >= 0 (default 1): the weight of the example's
+           target tokens in the loss (per-task loss weights, `prefix_lm_pipeline`)
 
 Conversion. Each placeholder expands into `tokens_per_image` (T) consecutive
 `image_token_id` positions, where the model later scatters the T embeddings of that
@@ -20,7 +26,8 @@ image (PaliGemma style); lengths are therefore exact before packing. With
 
   decoder_target_tokens    concat(expanded inputs, targets)
   decoder_input_tokens     the same shifted right by one within the segment, BOS = 0
-  decoder_loss_weights     1 exactly on the targets (never on prompt or image tokens)
+  decoder_loss_weights     float32: `loss_weight` (1 by default) exactly on the targets,
+                           0 elsewhere (never on prompt or image tokens)
   decoder_causal_attention 1 on the first n_pre + 1 positions (seqio's definition: in
                            input-token space those hold BOS plus every prefix token, so
                            the position that reads the last prefix token and predicts the
@@ -28,11 +35,12 @@ image (PaliGemma style); lengths are therefore exact before packing. With
   decoder_segment_ids      1.. per packed example, 0 on padding
   decoder_positions        0.. restarting in every segment, 0 on padding
 
-Worked example, T = 2, image_token_id = 9, inputs [5, 9, 6], targets [7, 1]:
+Worked example, T = 2, image_token_id = 9, inputs [5, 9, 6], targets [7, 1],
+loss_weight 0.5 (without it the weights are 1.0 where 0.5 is shown):
 
   decoder_target_tokens    [5, 9, 9, 6, 7, 1]
   decoder_input_tokens     [0, 5, 9, 9, 6, 7]
-  decoder_loss_weights     [0, 0, 0, 0, 1, 1]
+  decoder_loss_weights     [0, 0, 0, 0, .5, .5]
   decoder_causal_attention [1, 1, 1, 1, 1, 0]
   decoder_segment_ids      [1, 1, 1, 1, 1, 1]
   decoder_positions        [0, 1, 2, 3, 4, 5]
@@ -42,8 +50,10 @@ with image embeddings. Targets never hold image tokens, so every run of T image 
 lies inside the prefix, appears whole in both token features, and is covered by
 `decoder_causal_attention`.
 
+Every token feature is int32 except `decoder_loss_weights` (float32).
+
 Packed rows (`pack`, `pack_iter`) hold the token features at [row_length] plus
-  images             float32 [max_images_per_row, H, W, 3], zeros in empty slots
+  images             float32 [max_images_per_row, *image_shape], zeros in empty slots
   image_mask         bool [max_images_per_row]
   image_segment_ids  int32 [max_images_per_row], the segment of each image, 0 if empty
 Invariant: the valid image slots are a prefix of the slots, and taking the
@@ -62,6 +72,13 @@ has boxes, or always / never with `with_boxes=True / False`; `batch_rows` gives 
 without them zeros when others in the batch have them. Truncation cuts the boxes with
 their tokens.
 
+Image times. When examples carry `image_times`, conversion keeps them as `image_times`
+float32 [n_img], and rows carry `image_times` float32 [max_images_per_row] aligned with
+the image slots (0 in empty slots and for the images of examples without times) when
+one of their examples has times, or always / never with `with_image_times=True / False`;
+`batch_rows` fills zeros as for boxes. An image dropped by truncation takes its time
+with it.
+
 Examples that do not fit one row (see `truncate_example`) are truncated or rejected
 (`on_too_long='truncate' | 'error'`):
   * more images than `max_images_per_row`: the trailing placeholders are removed from
@@ -71,6 +88,8 @@ Examples that do not fit one row (see `truncate_example`) are truncated or rejec
     thus some loss) survives; it is cut from its end, and an image whose T tokens would
     be cut is dropped whole, with its image, and so is everything after it in `inputs`.
     The targets then fill the rest of the row from their start.
+Truncation keeps `loss_weight`, and cuts `input_boxes` and `image_times` with their
+tokens and images.
 """
 from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
@@ -82,6 +101,8 @@ TOKEN_FEATURES = ("decoder_target_tokens", "decoder_input_tokens", "decoder_loss
                   "decoder_causal_attention", "decoder_segment_ids", "decoder_positions")
 IMAGE_FEATURES = ("images", "image_mask", "image_segment_ids")
 BOX_FEATURE = "decoder_boxes"
+TIMES_FEATURE = "image_times"
+LOSS_WEIGHT = "loss_weight"
 ON_TOO_LONG = ("truncate", "error")
 
 
@@ -98,14 +119,21 @@ def _name(example: Mapping[str, Any]) -> str:
 
 
 def _images_of(example: Mapping[str, Any], image_shape: Optional[Sequence[int]]) -> np.ndarray:
-  """The example's images as float32 [n, H, W, 3]; text-only examples may omit them."""
+  """The example's images as float32 [n, *image_shape]; text-only examples may omit them.
+
+  Without `image_shape`, pictures [n, H, W, 3] are expected.
+  """
   images = example.get("images")
   if images is None or np.size(images) == 0:
     shape = tuple(image_shape) if image_shape is not None else (0, 0, 3)
     return np.zeros((0,) + shape, np.float32)
   images = np.asarray(images, np.float32)
-  if images.ndim != 4 or (image_shape is not None and images.shape[1:] != tuple(image_shape)):
-    want = f"[n, {', '.join(map(str, image_shape))}]" if image_shape is not None else "[n, H, W, 3]"
+  if image_shape is None:
+    ok, want = images.ndim == 4 and images.shape[-1] == 3, "[n, H, W, 3]"
+  else:
+    ok = images.shape[1:] == tuple(image_shape)
+    want = f"[n, {', '.join(map(str, image_shape))}]"
+  if not ok:
     raise ValueError(f"{_name(example)}: images have shape {list(images.shape)}, "
                      f"expected {want}")
   return images
@@ -150,20 +178,53 @@ def _boxes_of(example: Mapping[str, Any], n_inputs: int) -> Optional[np.ndarray]
   return boxes
 
 
+def _image_times_of(example: Mapping[str, Any], n_images: int) -> Optional[np.ndarray]:
+  """The example's `image_times` as float32 [n_images] in [0, 1], or None if it has none."""
+  times = example.get(TIMES_FEATURE)
+  if times is None:
+    return None
+  times = np.asarray(times, np.float32)
+  if times.shape != (n_images,):
+    raise ValueError(f"{_name(example)}: image_times have shape {list(times.shape)}, "
+                     f"expected [{n_images}] (one time per image)")
+  bad = ~(np.isfinite(times) & (times >= 0) & (times <= 1))
+  if bad.any():
+    i = int(np.argmax(bad))
+    raise ValueError(f"{_name(example)}: image_times[{i}] is {times[i]:g}; times are "
+                     "relative to the clip, finite and in [0, 1]")
+  return times
+
+
+def _loss_weight_of(example: Mapping[str, Any]) -> float:
+  """The example's `loss_weight` (default 1), a finite scalar >= 0."""
+  weight = example.get(LOSS_WEIGHT, 1.0)
+  if np.ndim(weight) != 0:
+    raise ValueError(f"{_name(example)}: loss_weight must be a scalar, got shape "
+                     f"{list(np.shape(weight))}")
+  weight = float(weight)
+  if not (np.isfinite(weight) and weight >= 0):
+    raise ValueError(f"{_name(example)}: loss_weight is {weight:g}; it must be finite "
+                     "and >= 0")
+  return weight
+
+
 def truncate_example(example: Mapping[str, Any], *, row_length: int, max_images_per_row: int,
                      tokens_per_image: int, image_token_id: int,
                      image_shape: Optional[Sequence[int]] = None,
                      on_too_long: str = "truncate") -> Features:
   """Makes a raw example fit one row (rules in the module docstring), or raises.
 
-  Returns a new raw example {inputs, targets, images (, id)}; an example that fits is
-  returned unchanged (validated and with normalized dtypes).
+  Returns a new raw example {inputs, targets, images (, input_boxes, image_times,
+  loss_weight, id)}; an example that fits is returned unchanged (validated and with
+  normalized dtypes).
   """
   if on_too_long not in ON_TOO_LONG:
     raise ValueError(f"on_too_long must be one of {ON_TOO_LONG}, got {on_too_long!r}")
   inputs, targets, images = validate_example(example, image_token_id=image_token_id,
                                              image_shape=image_shape)
   boxes = _boxes_of(example, inputs.size)
+  times = _image_times_of(example, images.shape[0])
+  loss_weight = _loss_weight_of(example)
   is_image = inputs == image_token_id
   if images.shape[0] > max_images_per_row:
     if on_too_long == "error":
@@ -175,6 +236,7 @@ def truncate_example(example: Mapping[str, Any], *, row_length: int, max_images_
     inputs = np.delete(inputs, drop)
     boxes = None if boxes is None else np.delete(boxes, drop, axis=0)
     images = images[:max_images_per_row]
+    times = None if times is None else times[:max_images_per_row]
     is_image = inputs == image_token_id
 
   cost = np.where(is_image, tokens_per_image, 1)  # expanded length of each input token
@@ -190,12 +252,17 @@ def truncate_example(example: Mapping[str, Any], *, row_length: int, max_images_
     inputs = inputs[:n_keep]
     boxes = None if boxes is None else boxes[:n_keep]
     images = images[:int(np.sum(inputs == image_token_id))]
+    times = None if times is None else times[:images.shape[0]]
     n_prefix = int(cost[:n_keep].sum())
     targets = targets[:row_length - n_prefix]
 
   out = {"inputs": inputs, "targets": targets, "images": images}
   if boxes is not None:
     out["input_boxes"] = boxes
+  if times is not None:
+    out[TIMES_FEATURE] = times
+  if LOSS_WEIGHT in example:
+    out[LOSS_WEIGHT] = loss_weight
   if "id" in example:
     out["id"] = example["id"]
   return out
@@ -205,13 +272,16 @@ def convert_example(example: Mapping[str, Any], *, tokens_per_image: int, image_
                     image_shape: Optional[Sequence[int]] = None) -> Features:
   """Unpacked prefix-LM features of one raw example (conventions in the module docstring).
 
-  Returns the six token features (int32, length = expanded inputs + targets),
-  `images` float32 [n_img, H, W, 3] and, for examples with `input_boxes`,
-  `decoder_boxes` float32 [n, 4]. No truncation: see `truncate_example`.
+  Returns the six token features (length = expanded inputs + targets; int32 but
+  `decoder_loss_weights` float32), `images` float32 [n_img, *image_shape] and, for
+  examples with `input_boxes`, `decoder_boxes` float32 [n, 4], for examples with
+  `image_times`, `image_times` float32 [n_img]. No truncation: see `truncate_example`.
   """
   inputs, targets, images = validate_example(example, image_token_id=image_token_id,
                                              image_shape=image_shape)
   boxes = _boxes_of(example, inputs.size)
+  times = _image_times_of(example, images.shape[0])
+  loss_weight = _loss_weight_of(example)
   is_image = inputs == image_token_id
   repeats = np.where(is_image, tokens_per_image, 1)
   expanded = np.repeat(inputs, repeats)
@@ -221,7 +291,8 @@ def convert_example(example: Mapping[str, Any], *, tokens_per_image: int, image_
   out = {
       "decoder_target_tokens": target_tokens,
       "decoder_input_tokens": np.concatenate([[0], target_tokens[:-1]]).astype(np.int32),
-      "decoder_loss_weights": (positions >= n_prefix).astype(np.int32),
+      "decoder_loss_weights": np.where(positions >= n_prefix, loss_weight,
+                                       0.0).astype(np.float32),
       # seqio: positions < inputs_width + 1 (see module docstring for why the +1).
       "decoder_causal_attention": (positions < n_prefix + 1).astype(np.int32),
       "decoder_segment_ids": np.ones(n, np.int32),
@@ -233,6 +304,8 @@ def convert_example(example: Mapping[str, Any], *, tokens_per_image: int, image_
     aligned = np.zeros((n, 4), np.float32)
     aligned[:n_prefix] = np.repeat(np.where(is_image[:, None], 0.0, boxes), repeats, axis=0)
     out[BOX_FEATURE] = np.concatenate([np.zeros((1, 4), np.float32), aligned[:-1]])
+  if times is not None:
+    out[TIMES_FEATURE] = times
   return out
 
 
@@ -255,16 +328,23 @@ class _OpenRow:
 
 
 def _finish_row(examples: Sequence[Features], row_length: int, max_images: int,
-                image_shape: Sequence[int], with_boxes: Optional[bool] = None) -> Features:
+                image_shape: Sequence[int], with_boxes: Optional[bool] = None,
+                with_image_times: Optional[bool] = None) -> Features:
   """Lays converted examples side by side, numbering segments 1.. in order.
 
-  The row has `decoder_boxes` if `with_boxes`, or (None) if an example has boxes.
+  The row has `decoder_boxes` if `with_boxes`, or (None) if an example has boxes;
+  `image_times` likewise with `with_image_times`.
   """
   if with_boxes is None:
     with_boxes = any(BOX_FEATURE in ex for ex in examples)
+  if with_image_times is None:
+    with_image_times = any(TIMES_FEATURE in ex for ex in examples)
   row = {k: np.zeros(row_length, np.int32) for k in TOKEN_FEATURES}
+  row["decoder_loss_weights"] = np.zeros(row_length, np.float32)
   if with_boxes:
     row[BOX_FEATURE] = np.zeros((row_length, 4), np.float32)
+  if with_image_times:
+    row[TIMES_FEATURE] = np.zeros(max_images, np.float32)
   row["images"] = np.zeros((max_images,) + tuple(image_shape), np.float32)
   row["image_mask"] = np.zeros(max_images, bool)
   row["image_segment_ids"] = np.zeros(max_images, np.int32)
@@ -281,6 +361,8 @@ def _finish_row(examples: Sequence[Features], row_length: int, max_images: int,
     row["images"][n_img:n_img + k] = ex["images"]
     row["image_mask"][n_img:n_img + k] = True
     row["image_segment_ids"][n_img:n_img + k] = segment
+    if with_image_times and TIMES_FEATURE in ex:
+      row[TIMES_FEATURE][n_img:n_img + k] = ex[TIMES_FEATURE]
     start += n
     n_img += k
   return row
@@ -289,8 +371,8 @@ def _finish_row(examples: Sequence[Features], row_length: int, max_images: int,
 def pack_iter(examples: Iterable[Mapping[str, Any]], *, row_length: int,
               max_images_per_row: int, tokens_per_image: int, image_token_id: int,
               image_shape: Sequence[int], on_too_long: str = "truncate",
-              max_open_rows: Optional[int] = 8,
-              with_boxes: Optional[bool] = None) -> Iterator[Features]:
+              max_open_rows: Optional[int] = 8, with_boxes: Optional[bool] = None,
+              with_image_times: Optional[bool] = None) -> Iterator[Features]:
   """Packs a stream of raw examples into rows, first-fit, deterministically.
 
   Each example (after `truncate_example`) goes whole into the first open row with room
@@ -299,7 +381,9 @@ def pack_iter(examples: Iterable[Mapping[str, Any]], *, row_length: int,
   oldest open row is emitted first (bounded memory and latency on a stream). The rest
   are emitted, oldest first, when the stream ends. `max_open_rows=None` never evicts.
   `with_boxes` (None: rows whose examples have `input_boxes`) says which rows carry
-  `decoder_boxes` (module docstring). Arguments are checked here, at call time;
+  `decoder_boxes`, and `with_image_times` (None: rows whose examples have `image_times`)
+  which carry `image_times` (module docstring). `image_shape` is one image's shape:
+  (H, W, 3), or (D,) for feature vectors. Arguments are checked here, at call time;
   examples as they are packed.
   """
   if tokens_per_image < 1:
@@ -316,16 +400,17 @@ def pack_iter(examples: Iterable[Mapping[str, Any]], *, row_length: int,
     raise ValueError(f"on_too_long must be one of {ON_TOO_LONG}, got {on_too_long!r}")
   return _pack_gen(iter(examples), row_length, max_images_per_row, tokens_per_image,
                    image_token_id, tuple(image_shape), on_too_long, max_open_rows,
-                   with_boxes)
+                   with_boxes, with_image_times)
 
 
 def _pack_gen(examples: Iterator[Mapping[str, Any]], row_length: int, max_images_per_row: int,
               tokens_per_image: int, image_token_id: int, image_shape: Tuple[int, ...],
               on_too_long: str, max_open_rows: Optional[int],
-              with_boxes: Optional[bool] = None) -> Iterator[Features]:
+              with_boxes: Optional[bool] = None,
+              with_image_times: Optional[bool] = None) -> Iterator[Features]:
   """The generator behind `pack_iter` (separate so that bad arguments fail eagerly)."""
   finish = lambda r: _finish_row(r.examples, row_length, max_images_per_row, image_shape,
-                                 with_boxes)
+                                 with_boxes, with_image_times)
   open_rows: List[_OpenRow] = []
   for raw in examples:
     raw = truncate_example(raw, row_length=row_length, max_images_per_row=max_images_per_row,
@@ -350,25 +435,30 @@ def _pack_gen(examples: Iterator[Mapping[str, Any]], row_length: int, max_images
 def pack(examples: Iterable[Mapping[str, Any]], *, row_length: int, max_images_per_row: int,
          tokens_per_image: int, image_token_id: int, image_shape: Sequence[int],
          on_too_long: str = "truncate", max_open_rows: Optional[int] = None,
-         with_boxes: Optional[bool] = None) -> List[Features]:
+         with_boxes: Optional[bool] = None,
+         with_image_times: Optional[bool] = None) -> List[Features]:
   """All rows of `pack_iter` as a list; by default first-fit over every row so far."""
   return list(pack_iter(examples, row_length=row_length, max_images_per_row=max_images_per_row,
                         tokens_per_image=tokens_per_image, image_token_id=image_token_id,
                         image_shape=image_shape, on_too_long=on_too_long,
-                        max_open_rows=max_open_rows, with_boxes=with_boxes))
+                        max_open_rows=max_open_rows, with_boxes=with_boxes,
+                        with_image_times=with_image_times))
 
 
 def batch_rows(rows: Sequence[Mapping[str, np.ndarray]]) -> Features:
   """Stacks rows into a batch: every feature gets a leading [B] dimension.
 
-  If some rows have `decoder_boxes`, rows without them get zeros.
+  If some rows have `decoder_boxes` or `image_times`, rows without them get zeros.
   """
   if not rows:
     raise ValueError("batch_rows needs at least one row")
-  batch = {k: np.stack([r[k] for r in rows]) for k in rows[0] if k != BOX_FEATURE}
-  if any(BOX_FEATURE in r for r in rows):
-    zeros = np.zeros(rows[0]["decoder_target_tokens"].shape + (4,), np.float32)
-    batch[BOX_FEATURE] = np.stack([r.get(BOX_FEATURE, zeros) for r in rows])
+  optional = {BOX_FEATURE: rows[0]["decoder_target_tokens"].shape + (4,),
+              TIMES_FEATURE: rows[0]["image_mask"].shape}
+  batch = {k: np.stack([r[k] for r in rows]) for k in rows[0] if k not in optional}
+  for key, shape in optional.items():
+    if any(key in r for r in rows):
+      zeros = np.zeros(shape, np.float32)
+      batch[key] = np.stack([r.get(key, zeros) for r in rows])
   return batch
 
 

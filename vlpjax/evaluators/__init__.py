@@ -13,7 +13,8 @@ def build_evaluators(config, family, mesh):
   """All evaluators in `config.evals`, keyed by their config name."""
   # Importing registers the built-in evaluators.
   # pylint: disable=g-import-not-at-top,unused-import
-  from vlpjax.evaluators import captioning, prefix_lm_loss, retrieval, zeroshot
+  from vlpjax.evaluators import (captioning, document_evals, prefix_lm_loss, retrieval,
+                                 video_evals, zeroshot)
   # Check every entry before building any: a typo in the last one fails before work starts.
   checked = {}
   for name, entry in config.evals.items():

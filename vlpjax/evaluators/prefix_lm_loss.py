@@ -85,13 +85,14 @@ class PrefixLMLoss:
       yield without_images(example, self.image_token_id) if self.drop_images else example
 
   def _batches(self) -> Iterator[Dict[str, np.ndarray]]:
-    size = self.data_config.image_size
     rows = packing.pack_iter(
         self._examples(), row_length=self.data_config.row_length,
         max_images_per_row=self.data_config.max_images_per_row,
         tokens_per_image=self.data_config.tokens_per_image,
-        image_token_id=self.image_token_id, image_shape=(size, size, 3),
-        with_boxes="decoder_boxes" in self._keys)
+        image_token_id=self.image_token_id,
+        image_shape=prefix_lm_pipeline.image_shape(self.data_config),
+        with_boxes="decoder_boxes" in self._keys,
+        with_image_times="image_times" in self._keys)
     empty = None
     while True:
       group: List[Dict[str, np.ndarray]] = list(itertools.islice(rows, self.batch_size))

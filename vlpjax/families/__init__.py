@@ -82,9 +82,17 @@ def checked_model_kwargs(config, model_fields: Sequence[str],
   return kwargs
 
 
+def loss_weights(config, defaults: Mapping[str, float]) -> Dict[str, float]:
+  """`config.loss_weights` over a family's `defaults`; unknown keys -> ConfigError."""
+  given = config.get("loss_weights", None) or {}
+  given = given.to_dict() if hasattr(given, "to_dict") else dict(given)
+  config_lib.check_kwargs("config.loss_weights", given, list(defaults))
+  return {k: float(given.get(k, v)) for k, v in defaults.items()}
+
+
 def get_family(config):
   """The family named by `config.family`, built for this config."""
   # Importing registers the built-in families; kept local so the registry has no model deps.
   # pylint: disable=g-import-not-at-top,unused-import
-  from vlpjax.families import coca, document, two_tower, vlm
+  from vlpjax.families import coca, document, two_tower, video, vlm
   return FAMILIES.get(config.family)(config)

@@ -15,8 +15,8 @@ from typing import Any, Dict, Mapping
 import jax
 import jax.numpy as jnp
 
-from vlpjax import config as config_lib
 from vlpjax import decoding
+from vlpjax import families
 from vlpjax import losses
 from vlpjax.families import (FAMILIES, checked_model_kwargs, image_text_specs,
                              module_fields)
@@ -29,10 +29,7 @@ DEFAULT_LOSS_WEIGHTS = {"contrastive": 1.0, "caption": 2.0}
 
 def loss_weights(config) -> Dict[str, float]:
   """`config.loss_weights` over the defaults; unknown keys -> ConfigError."""
-  given = config.get("loss_weights", None) or {}
-  given = given.to_dict() if hasattr(given, "to_dict") else dict(given)
-  config_lib.check_kwargs("config.loss_weights", given, list(DEFAULT_LOSS_WEIGHTS))
-  return {k: float(given.get(k, v)) for k, v in DEFAULT_LOSS_WEIGHTS.items()}
+  return families.loss_weights(config, DEFAULT_LOSS_WEIGHTS)
 
 
 @FAMILIES.register("coca")

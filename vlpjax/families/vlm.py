@@ -93,9 +93,8 @@ class VLMFamily:
 
   def __init__(self, config):
     self.config = config
-    model_kwargs = checked_model_kwargs(
-        config, module_fields(self.model_class),
-        {"image": module_fields(ViT), "llm": module_fields(decoder_lib.Decoder)})
+    model_kwargs = checked_model_kwargs(config, module_fields(self.model_class),
+                                        self.model_parts())
     vocabulary = _task_vocabulary(config.input.task) if config.input.task else None
     model_kwargs["image_token_id"] = _image_token_id(config, model_kwargs, vocabulary)
     self.model = self.model_class(dtype=jnp.dtype(config.compute_dtype),
@@ -110,6 +109,11 @@ class VLMFamily:
     config_lib.check_kwargs("config.pretrained", dict(config.get("pretrained", {})),
                             PRETRAINED_KEYS)
 
+  @classmethod
+  def model_parts(cls) -> Dict[str, Sequence[str]]:
+    """The sub-dicts of `config.model` and their allowed keys (checked before building)."""
+    return {"image": module_fields(ViT), "llm": module_fields(decoder_lib.Decoder)}
+
   @property
   def image_token_id(self) -> int:
     return self.model.image_token_id
@@ -118,6 +122,8 @@ class VLMFamily:
     inp = self.config.input
     length, size = inp.row_length, inp.image_size
     specs = {k: jax.ShapeDtypeStruct((batch_size, length), jnp.int32) for k in TOKEN_KEYS}
+    # Float: per-task loss weights (`input.task_loss_weights`) scale the target tokens.
+    specs["decoder_loss_weights"] = jax.ShapeDtypeStruct((batch_size, length), jnp.float32)
     specs["images"] = jax.ShapeDtypeStruct(
         (batch_size, inp.max_images_per_row, size, size, 3), jnp.float32)
     return specs
@@ -132,8 +138,13 @@ class VLMFamily:
                             batch["decoder_loss_weights"].astype(jnp.float32))
 
   def features_loss(self, params, features):
+    """Weighted token cross-entropy over the batch's target-token count.
+
+    Normalising by the count, not by the weights' sum, is what makes per-task weights act as
+    multipliers: the loss is sum_task weight * (that task's summed loss) / targets.
+    """
     del params
-    num_tokens = jnp.maximum(jnp.sum(features["weight_sum"]), 1.0)
+    num_tokens = jnp.maximum(jnp.sum(features["count_sum"]), 1.0)
     loss = jnp.sum(features["loss_sum"]) / num_tokens
     return loss, {"token_accuracy": jnp.sum(features["correct_sum"]) / num_tokens}
 
@@ -153,28 +164,47 @@ class VLMFamily:
     """Captions images [B, S, S, 3] in [-1, 1] -> int32 [B, max_decode_len] (0 after EOS).
 
     The prompt (`caption_prompt`: BOS, the image's T tokens, then `prompt`, the task's
-    prompt tokens if it has any) is prefilled bidirectionally, as in training, and the
-    caption decoded from its last position on. The pad/BOS id and `<image>` are never
-    generated: a 0 would read as padding, an `<image>` as an image without pixels.
+    prompt tokens if it has any) is a one-image `generate` prompt.
+    """
+    batch = images.shape[0]
+    prompt_tokens = self.caption_prompt(prompt)
+    tokens = jnp.broadcast_to(jnp.asarray(prompt_tokens), (batch, prompt_tokens.size))
+    prompts = {"decoder_input_tokens": tokens, "prompt_mask": jnp.ones(tokens.shape, bool),
+               "images": images[:, None], "image_mask": jnp.ones((batch, 1), bool),
+               "image_segment_ids": jnp.ones((batch, 1), jnp.int32)}
+    return self.generate(params, prompts, decode=decode, rng=rng)
+
+  def generate(self, params, prompts: Mapping[str, Any], *, decode, rng=None):
+    """Continues prompts -> int32 [B, max_decode_len] (0 after EOS); jittable.
+
+    `prompts` is a prompt batch (`vlpjax.data.prompts.prompt_batch`): one example per row,
+    `decoder_input_tokens` int32 [B, P] (BOS, then the inputs with every image expanded to
+    its T image positions, as in a packed row), `prompt_mask` bool [B, P] (the valid ones;
+    padding may sit on either side), `images` [B, N, ...] with `image_mask` /
+    `image_segment_ids` [B, N], and whatever else the model reads (`decoder_boxes`,
+    `image_times`). The prompt is prefilled bidirectionally, as in training, and decoding
+    goes on from its last valid position. The pad/BOS id and `<image>` are never generated:
+    a 0 would read as padding, an `<image>` as an image without pixels.
     """
     if isinstance(decode, Mapping):
       decode = decoding.DecodeConfig.from_dict(dict(decode))
     model, variables = self.model, {"params": params}
-    batch = images.shape[0]
-    prompt_tokens = self.caption_prompt(prompt)
-    tokens = jnp.broadcast_to(jnp.asarray(prompt_tokens), (batch, prompt_tokens.size))
-    prompt_x = model.apply(variables, tokens, images[:, None],
-                           method=vlm_lib.VLM.embed_inputs)
+    tokens = prompts["decoder_input_tokens"]
+    prompt_x, context = model.apply(variables, tokens, prompts,
+                                    method=self.model_class.prepare_inputs)
 
-    def run_llm(x, positions, mask, cache, cache_index):
+    def run_llm(x, positions, mask, cache, cache_index, context=None):
       return model.apply(variables, x, positions=positions, mask=mask, cache=cache,
-                         cache_index=cache_index, method=vlm_lib.VLM.run_llm)
+                         cache_index=cache_index, context=context,
+                         method=self.model_class.run_llm)
 
     lm = decoding.prefix_lm_step_fn(
-        run_llm, lambda t: model.apply(variables, t, method=vlm_lib.VLM.embed_tokens),
-        prompt_x, jnp.ones(tokens.shape, bool),
-        init_cache=lambda b, n: model.apply(variables, b, n, method=vlm_lib.VLM.init_cache),
-        max_decode_len=decode.max_decode_len, cache_batch_axis=model.cache_batch_axis)
+        run_llm, lambda t: model.apply(variables, t, method=self.model_class.embed_tokens),
+        prompt_x, prompts["prompt_mask"],
+        init_cache=lambda b, n: model.apply(variables, b, n,
+                                            method=self.model_class.init_cache),
+        max_decode_len=decode.max_decode_len, cache_batch_axis=model.cache_batch_axis,
+        context=context)
 
     def step_fn(step_tokens, cache, t):
       logits, cache = lm.step_fn(step_tokens, cache, t)

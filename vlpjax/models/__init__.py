@@ -4,6 +4,7 @@ from vlpjax.models.decoder import Decoder
 from vlpjax.models.document import DocumentModel
 from vlpjax.models.text import TextEncoder
 from vlpjax.models.two_tower import TwoTower
+from vlpjax.models.video import VideoModel
 from vlpjax.models.vit import ViT
 from vlpjax.models.vlm import VLM
 from vlpjax.registry import Registry
@@ -16,6 +17,7 @@ MODELS.register("decoder")(Decoder)
 MODELS.register("coca")(CoCa)
 MODELS.register("vlm")(VLM)
 MODELS.register("document")(DocumentModel)
+MODELS.register("video")(VideoModel)
 
 
 def get_model(name: str):

@@ -283,7 +283,11 @@ class DecoderBlock(nn.Module):
         raise ValueError("A decoder with cross_attention=True needs `encoded`.")
       cross_mask = None
       if encoded_mask is not None:
-        cross_mask = encoded_mask.astype(bool)[:, None, None, :]
+        # [B, M]: the same encoded tokens for every query; [B, L, M]: per query (packed rows,
+        # where each segment may read only its own example's encoding).
+        cross_mask = encoded_mask.astype(bool)
+        cross_mask = (cross_mask[:, None, None, :] if cross_mask.ndim == 2
+                      else cross_mask[:, None, :, :])
       y = self._norm("cross_attn_layernorm")(x).astype(self.dtype)
       y, _ = self._attention("cross_attn")(y, cross_mask,
                                            inputs_kv=encoded.astype(self.dtype))
@@ -372,10 +376,12 @@ class DecoderStack(nn.Module):
     if encoded is not None and (encoded.ndim != 3 or encoded.shape[0] != batch):
       raise ValueError(f"encoded must be [batch={batch}, tokens, width], got shape "
                        f"{encoded.shape}.")
-    if encoded_mask is not None and (encoded is None
-                                     or encoded_mask.shape != encoded.shape[:2]):
+    if encoded_mask is not None and (
+        encoded is None or encoded_mask.shape not in (
+            encoded.shape[:2], (batch, length, encoded.shape[1]))):
       raise ValueError(f"encoded_mask shape {encoded_mask.shape} must be encoded's "
-                       f"[batch, tokens] {None if encoded is None else encoded.shape[:2]}.")
+                       f"[batch, tokens] {None if encoded is None else encoded.shape[:2]} or "
+                       "[batch, length, tokens] (per query).")
 
     block_kwargs = dict(
         mlp_dim=self.mlp_dim, num_heads=self.num_heads, num_kv_heads=num_kv_heads,
@@ -472,11 +478,15 @@ class Decoder(nn.Module):
       x = x.astype(self.dtype) * jnp.asarray(math.sqrt(self.width), self.dtype)
     return layers.constrain(x.astype(self.dtype), layers.ACT_TOKENS)
 
-  def __call__(self, x: Array, *, positions: Array, mask: Array,
-               cache: Optional[Cache] = None, cache_index=None,
-               encoded: Optional[Array] = None, encoded_mask: Optional[Array] = None
-               ) -> Tuple[Array, Optional[Cache]]:
-    """Embedded inputs [B, L, width] -> (logits f32 [B, L, vocab], new cache or None)."""
+  def hidden_states(self, x: Array, *, positions: Array, mask: Array,
+                    cache: Optional[Cache] = None, cache_index=None,
+                    encoded: Optional[Array] = None, encoded_mask: Optional[Array] = None
+                    ) -> Tuple[Array, Optional[Cache]]:
+    """Embedded inputs [B, L, width] -> (final-norm hidden states f32 [B, L, width], cache).
+
+    What `__call__` turns into logits; heads other than the LM's (e.g. a grounding head on
+    frame positions) read these.
+    """
     if x.ndim != 3 or x.shape[-1] != self.width:
       raise ValueError(f"Decoder input must be embedded [batch, length, {self.width}], got "
                        f"shape {x.shape} (use method=Decoder.embed on token ids).")
@@ -487,9 +497,20 @@ class Decoder(nn.Module):
     x, new_cache = self.layers(x, positions=positions, mask=mask, cache=cache,
                                cache_index=cache_index, encoded=encoded,
                                encoded_mask=encoded_mask)
-    x = self.norm(x)  # f32
+    return self.norm(x), new_cache  # f32
+
+  def logits(self, hidden: Array) -> Array:
+    """Final hidden states [B, L, width] -> logits f32 [B, L, vocab]."""
     if self.tie_embeddings:
-      logits = self.embed_tokens.attend(x)
-    else:
-      logits = self.lm_head(x)
-    return logits.astype(jnp.float32), new_cache
+      return self.embed_tokens.attend(hidden).astype(jnp.float32)
+    return self.lm_head(hidden).astype(jnp.float32)
+
+  def __call__(self, x: Array, *, positions: Array, mask: Array,
+               cache: Optional[Cache] = None, cache_index=None,
+               encoded: Optional[Array] = None, encoded_mask: Optional[Array] = None
+               ) -> Tuple[Array, Optional[Cache]]:
+    """Embedded inputs [B, L, width] -> (logits f32 [B, L, vocab], new cache or None)."""
+    hidden, new_cache = self.hidden_states(
+        x, positions=positions, mask=mask, cache=cache, cache_index=cache_index,
+        encoded=encoded, encoded_mask=encoded_mask)
+    return self.logits(hidden), new_cache

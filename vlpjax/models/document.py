@@ -19,7 +19,6 @@ from flax import linen as nn
 
 from vlpjax.models import layers
 from vlpjax.models import vlm as vlm_lib
-from vlpjax.models.decoder import make_attention_mask
 
 Array = jax.Array
 COORDINATES = ("x0", "y0", "x1", "y1")
@@ -81,14 +80,19 @@ class DocumentModel(vlm_lib.VLM):
     x = x + self.layout(boxes).astype(x.dtype)
     return layers.constrain(x, layers.ACT_TOKENS)
 
+  def prepare_inputs(self, tokens: Array, batch: Mapping[str, Array]):
+    """The VLM's inputs plus layout: `batch["decoder_boxes"]` [B, L, 4] aligned with tokens.
+
+    A batch without boxes (e.g. captioning a bare image) is embedded with zero boxes.
+    """
+    boxes = batch.get("decoder_boxes")
+    if boxes is None:
+      boxes = jnp.zeros(tokens.shape + (4,), jnp.float32)
+    return self.embed_document(tokens, batch["images"], boxes), None
+
   def __call__(self, batch: Mapping[str, Array]) -> Array:
     """Packed document features (the VLM's plus `decoder_boxes`) -> logits f32 [B, L, V]."""
     if "decoder_boxes" not in batch:
       raise ValueError(f"DocumentModel needs 'decoder_boxes' [batch, length, 4] in the batch "
                        f"(has {sorted(batch)}); document tasks' packed rows carry them.")
-    x = self.embed_document(batch["decoder_input_tokens"], batch["images"],
-                            batch["decoder_boxes"])
-    mask = make_attention_mask(batch["decoder_segment_ids"],
-                               batch["decoder_causal_attention"])
-    logits, _ = self.llm_module(x, positions=batch["decoder_positions"], mask=mask)
-    return logits
+    return super().__call__(batch)

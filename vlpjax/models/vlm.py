@@ -166,15 +166,48 @@ class VLM(nn.Module):
     x = merge_image_tokens(x, tokens == self.image_token_id, self.encode_images(images))
     return layers.constrain(x, layers.ACT_TOKENS)
 
-  # -- training -------------------------------------------------------------------------
+  # -- training ---------------------------------------------------------------------------
+
+  def prepare_inputs(self, tokens: Array, batch: Mapping[str, Array]):
+    """Token ids [B, L] of a packed row or a prompt, with the batch's other features ->
+    (embedded inputs [B, L, D], decoder context or None).
+
+    The one place a family's model turns a batch into what its LM reads, used by training
+    and by `generate` alike. The VLM merges `batch["images"]` at the image positions and has
+    no context; models with cross-attention (the video model's encoder-decoder form) return
+    `{"encoded": [B, M, D], "encoded_segment_ids": int32 [B, M]}` (0 = no token).
+    """
+    return self.embed_inputs(tokens, batch["images"]), None
 
   def __call__(self, batch: Mapping[str, Array]) -> Array:
     """Packed features (`decoder_input_tokens`, ..., `images`) -> logits f32 [B, L, V]."""
-    x = self.embed_inputs(batch["decoder_input_tokens"], batch["images"])
+    logits, _ = self.llm_module(**self._llm_inputs(batch))
+    return logits
+
+  @nn.nowrap
+  def _context_kwargs(self, context, token_segment_ids=None) -> Dict[str, Array]:
+    """`encoded` / `encoded_mask` for the LM from a context (none without one).
+
+    With `token_segment_ids` [B, L] (packed rows) a token reads only its own example's
+    encoding; without (a prompt batch: one example per row) every valid encoded token.
+    """
+    if context is None:
+      return {}
+    enc_segments = context["encoded_segment_ids"]
+    if token_segment_ids is None:
+      mask = enc_segments != 0
+    else:
+      mask = ((token_segment_ids[:, :, None] == enc_segments[:, None, :])
+              & (enc_segments[:, None, :] != 0))
+    return {"encoded": context["encoded"], "encoded_mask": mask}
+
+  def _llm_inputs(self, batch: Mapping[str, Array]) -> Dict[str, Array]:
+    """The LM's keyword arguments for a packed row batch."""
+    x, context = self.prepare_inputs(batch["decoder_input_tokens"], batch)
     mask = make_attention_mask(batch["decoder_segment_ids"],
                                batch["decoder_causal_attention"])
-    logits, _ = self.llm_module(x, positions=batch["decoder_positions"], mask=mask)
-    return logits
+    return dict(x=x, positions=batch["decoder_positions"], mask=mask,
+                **self._context_kwargs(context, batch["decoder_segment_ids"]))
 
   # -- cached decoding (`vlpjax.decoding.prefix_lm_step_fn` drives these) --------------
 
@@ -183,10 +216,13 @@ class VLM(nn.Module):
     return self.llm_module.embed(tokens)
 
   def run_llm(self, x: Array, *, positions: Array, mask: Array, cache=None,
-              cache_index=None):
-    """The LM on embedded inputs: (logits f32 [B, L, V], cache); see `Decoder.__call__`."""
+              cache_index=None, context=None):
+    """The LM on embedded inputs: (logits f32 [B, L, V], cache); see `Decoder.__call__`.
+
+    `context`: what `prepare_inputs` returned for the prompt (one example per row).
+    """
     return self.llm_module(x, positions=positions, mask=mask, cache=cache,
-                           cache_index=cache_index)
+                           cache_index=cache_index, **self._context_kwargs(context))
 
   def init_cache(self, batch_size: int, max_len: int):
     return self.llm_module.init_cache(batch_size, max_len)

@@ -43,11 +43,29 @@ starting with kept tokens. It is drawn from the example's stateless seed, so
 the same task seed gives the same corruption. Records whose transcript has
 fewer than 2 tokens (silent clips) are dropped: they have nothing to denoise.
 
+Temporal grounding (`grounding_examples`), UniVTG-style moment retrieval:
+one example per event of the record (records without events give none), in
+record order. inputs = the fixed `prompt` ("query:") then the event's caption,
+targets = `<time_start><time_end>` + EOS, id = "{record id}#{event index}".
+For the clip above: event 1 gives
+
+  inputs  "query: a red circle appears"       (prompt and caption encoded apart)
+  targets "<time_20><time_45>" + EOS          id "<record id>#1"
+
+A record with a problem gives exactly one example (its first event, or an
+empty one), so the bad-record policy sees and counts it once.
+
 Frames in the prefix-LM contract (`frames_as_images`, run last): inputs =
 one `<image>` per real frame, then the prompt above; `images` = those frames
-uint8 [F_real, S, S, 3]; `frame_times` [F_real] their times in seconds.
+uint8 [F_real, S, S, 3]; `frame_times` [F_real] their times in seconds and
+`image_times` [F_real] the same relative to the clip, frame_times / duration,
+in [0, 1] (what packing carries next to the images, for time positions and
+grounding heads). `features_as_images` does the same for precomputed frame
+features: `images` float32 [F_real, D], one `<image>` per real frame (the task
+then declares `images` as float32 rank 2: `output_features(frame_feature_dim=D)`).
 
-`parse_events` reads events back from targets or model output.
+`parse_events` reads events back from targets or model output, `parse_moment`
+a grounding answer.
 """
 import dataclasses
 from typing import Dict, List, Optional, Sequence, Tuple, Union
@@ -66,10 +84,17 @@ SPEECH_INPUTS = ("timed", "text", "none")
 Event = Tuple[float, float, str]
 
 
-def output_features(vocabulary: Optional[seqio.Vocabulary] = None
-                    ) -> Dict[str, seqio.Feature]:
-  """The shared prefix-LM features (`kinds.output_features`), frames among the optional ones."""
-  return kinds.output_features(vocabulary)
+def output_features(vocabulary: Optional[seqio.Vocabulary] = None,
+                    frame_feature_dim: Optional[int] = None) -> Dict[str, seqio.Feature]:
+  """The shared prefix-LM features (`kinds.output_features`), frames among the optional ones.
+
+  With `frame_feature_dim` the `images` are frame feature vectors, float32 [n, D]
+  (`features_as_images`); such tasks mix only with each other (same D).
+  """
+  features = kinds.output_features(vocabulary)
+  if frame_feature_dim is not None:
+    features["images"] = seqio.ContinuousFeature(dtype=tf.float32, rank=2)
+  return features
 
 
 def _special_ids(vocabulary) -> special_tokens.SpecialIds:
@@ -291,28 +316,96 @@ def span_denoising(ds: tf.data.Dataset, output_features: Dict[str, seqio.Feature
 
 
 # --------------------------------------------------------------------------------
+# Temporal grounding
+# --------------------------------------------------------------------------------
+
+
+def grounding_examples(ds: tf.data.Dataset, output_features: Dict[str, seqio.Feature],
+                       num_bins: Optional[int] = None,
+                       prompt: str = "query:") -> tf.data.Dataset:
+  """One example per event: the caption is the query, its times the answer (module docstring).
+
+  Args:
+    num_bins: time bins; default all the vocabulary's `<time_k>` tokens.
+    prompt: fixed text before the query, so one model can tell this task from the
+      others; "" for none.
+  """
+  targets_feature = output_features["targets"]
+  in_vocab, out_vocab = output_features["inputs"].vocabulary, targets_feature.vocabulary
+  num_bins = _num_bins(out_vocab, num_bins)
+  first_time = _special_ids(out_vocab).time_id(0)
+  prompt_ids = tf.constant(list(in_vocab.encode(prompt)) if prompt else [], tf.int32)
+
+  def per_event(features):
+    starts, ends, captions = features["start"], features["end"], features["caption"]
+    num_events = tf.reduce_min([tf.size(starts), tf.size(ends), tf.size(captions)])
+    bad = tf.not_equal(features.get(bad_records.PROBLEM_KEY, ""), "")
+    count = tf.where(bad, 1, num_events)
+    # One padding event, so a bad record without events still yields one example.
+    starts = tf.concat([starts[:num_events], [0.0]], axis=0)
+    ends = tf.concat([ends[:num_events], [0.0]], axis=0)
+    captions = tf.concat([captions[:num_events], [""]], axis=0)
+
+    def event(i):
+      bins = time_bins(tf.stack([starts[i], ends[i]]), features["duration"], num_bins)
+      query = tf.cast(in_vocab.encode_tf(captions[i]), tf.int32)
+      return {**features,
+              "id": tf.strings.join([features["id"], "#", tf.strings.as_string(i)]),
+              "inputs": tf.concat([prompt_ids, query], axis=0),
+              "targets": _with_eos(bins + first_time, targets_feature)}
+
+    return tf.data.Dataset.range(tf.cast(count, tf.int64)).map(
+        lambda i: event(tf.cast(i, tf.int32)))
+
+  return ds.flat_map(per_event)
+
+
+# --------------------------------------------------------------------------------
 # Frames as images
 # --------------------------------------------------------------------------------
+
+
+def _relative_times(times: tf.Tensor, duration: tf.Tensor) -> tf.Tensor:
+  """times / duration in [0, 1]; 0 where that is not finite (a bad record's duration)."""
+  relative = tf.cast(times, tf.float32) / tf.cast(duration, tf.float32)
+  return tf.clip_by_value(tf.where(tf.math.is_finite(relative), relative, 0.0), 0.0, 1.0)
+
+
+def _real_frames_as_images(features: Features, frames_key: str, image_id: int) -> Features:
+  """`frames_key`'s real frames -> `images`; their `<image>`s start `inputs`."""
+  mask = features["frame_mask"]
+  images = tf.boolean_mask(features[frames_key], mask)
+  times = tf.boolean_mask(features["frame_times"], mask)
+  prompt = tf.cast(features.get("inputs", tf.zeros([0], tf.int32)), tf.int32)
+  out = {k: v for k, v in features.items() if k not in (frames_key, "frame_mask")}
+  out.update(images=images, frame_times=times,
+             image_times=_relative_times(times, features["duration"]),
+             inputs=tf.concat([tf.fill([tf.shape(images)[0]], image_id), prompt], 0))
+  return out
 
 
 def frames_as_images(ds: tf.data.Dataset,
                      output_features: Dict[str, seqio.Feature]) -> tf.data.Dataset:
   """Real frames -> `images`, one `<image>` each at the start of `inputs` (run last).
 
-  Removes `frames` and `frame_mask`; keeps `frame_times` for the real frames.
+  Removes `frames` and `frame_mask`; keeps `frame_times` for the real frames and
+  adds `image_times`, the same relative to the clip (in [0, 1]).
   """
   image_id = _special_ids(output_features["inputs"].vocabulary).image_id(0)
+  return ds.map(lambda f: _real_frames_as_images(f, "frames", image_id),
+                num_parallel_calls=tf.data.AUTOTUNE)
 
-  def fn(features):
-    mask = features["frame_mask"]
-    images = tf.boolean_mask(features["frames"], mask)
-    prompt = tf.cast(features.get("inputs", tf.zeros([0], tf.int32)), tf.int32)
-    out = {k: v for k, v in features.items() if k not in ("frames", "frame_mask")}
-    out.update(images=images, frame_times=tf.boolean_mask(features["frame_times"], mask),
-               inputs=tf.concat([tf.fill([tf.shape(images)[0]], image_id), prompt], 0))
-    return out
 
-  return ds.map(fn, num_parallel_calls=tf.data.AUTOTUNE)
+def features_as_images(ds: tf.data.Dataset,
+                       output_features: Dict[str, seqio.Feature]) -> tf.data.Dataset:
+  """As `frames_as_images` for precomputed features: `images` float32 [F_real, D] (run last).
+
+  Removes `frame_features` and `frame_mask`. The task's `images` feature must be
+  float32 rank 2 (`output_features(frame_feature_dim=D)`).
+  """
+  image_id = _special_ids(output_features["inputs"].vocabulary).image_id(0)
+  return ds.map(lambda f: _real_frames_as_images(f, "frame_features", image_id),
+                num_parallel_calls=tf.data.AUTOTUNE)
 
 
 # --------------------------------------------------------------------------------
@@ -366,3 +459,25 @@ def parse_events(text_or_token_ids: Union[str, Sequence[int], np.ndarray],
       words.append(segment)
   flush()
   return events
+
+
+def parse_moment(text_or_token_ids: Union[str, Sequence[int], np.ndarray],
+                 duration: float, vocabulary=None,
+                 num_bins: int = 100) -> Optional[Tuple[float, float]]:
+  """(start_s, end_s) of a grounding answer (targets format), or None when malformed.
+
+  The first two time tokens count (up to the first EOS when given ids, decoded
+  with `vocabulary`, default `vocab.multimodal_vocabulary()`); other tokens are
+  ignored. None if there are fewer than two or the end is before the start.
+  """
+  if not isinstance(text_or_token_ids, str):
+    vocabulary = vocabulary or vocab.multimodal_vocabulary()
+  text = _as_text(text_or_token_ids, vocabulary)
+  spec = getattr(vocabulary, "spec", None) or special_tokens.TokenSpec()
+  spec = dataclasses.replace(spec, num_time_bins=num_bins)
+  times = [segment.value for segment in special_tokens.parse_special(text, spec,
+                                                                     duration=duration)
+           if isinstance(segment, special_tokens.Time)][:2]
+  if len(times) < 2 or times[1] < times[0]:
+    return None
+  return times[0], times[1]
