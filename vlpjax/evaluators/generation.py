@@ -28,6 +28,7 @@ and `examples[i]` the example without its images. A subclass that predicts somet
 than tokens (a grounding head) overrides `predict` and sets `predicts_ids = False`; its
 predictions are then the rows `predict` returned.
 """
+import abc
 import itertools
 import math
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
@@ -58,7 +59,7 @@ def cut_at_eos(ids: np.ndarray, eos_id: int) -> np.ndarray:
   return ids[ids != 0].astype(np.int32)
 
 
-class GenerationEvaluator:
+class GenerationEvaluator(abc.ABC):
   """Base class: prompts a task's examples, generates, and lets `score` judge the outputs."""
 
   extra_keys: Tuple[str, ...] = ()
@@ -122,9 +123,10 @@ class GenerationEvaluator:
     decode, family = self.decode, self.family
     return lambda params, prompts: family.generate(params, prompts, decode=decode, rng=rng)
 
+  @abc.abstractmethod
   def score(self, predictions: List[np.ndarray], targets: List[np.ndarray],
             examples: List[Dict[str, Any]]) -> Dict[str, float]:
-    raise NotImplementedError
+    """The metrics of predictions (ids cut at EOS, or `predict_fn` rows) against targets."""
 
   def show(self, prediction: np.ndarray, target: np.ndarray) -> Tuple[str, str]:
     """(prediction, reference) as printed for the first `num_shown` examples."""
