@@ -290,5 +290,18 @@ def test_config_errors():
     init_params(family)
   with pytest.raises(config_lib.ConfigError, match="loss_weights"):
     video_family.VideoFamily(tiny_config(overrides=["loss_weights.forground=1.0"]))
+  bad_models = [
+      (dict(grounding_head=True, image=dict(width=32, depth=1, mlp_dim=64, num_heads=2,
+                                            patch_size=8, pool_type="none")),
+       "one token per frame"),
+      (dict(image=dict(width=32, depth=1, mlp_dim=64, num_heads=2, patch_size=8,
+                       patch_dropout=0.5)), "patch_dropout must be unset"),
+      (dict(temporal=dict(width=48, depth=1)), "must equal the ViT width 32"),
+      (dict(frame_feature_dim=6, temporal=dict(depth=1)), "set temporal"),
+  ]
+  for extra, message in bad_models:
+    overrides = ["input.frame_feature_dim=6"] if extra.get("frame_feature_dim") else []
+    with pytest.raises(ValueError, match=message):  # at build time or, at the latest, init
+      init_params(video_family.VideoFamily(tiny_config(overrides=overrides, model_extra=extra)))
   assert video_lib.time_positions(jnp.array([0.0, 0.5, 1.0, 1.5]), 100).tolist() == [
       0, 50, 99, 99]
