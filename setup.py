@@ -1,6 +1,8 @@
 """vlpjax: vision-language pretraining in JAX/Flax."""
 import setuptools
 
+EVAL = ["pycocoevalcap==1.2", "matplotlib"]
+
 setuptools.setup(
     name="vlpjax",
     version="0.1.0",
@@ -25,11 +27,15 @@ setuptools.setup(
         "sentencepiece>=0.2",
         "numpy>=2",
         "pillow",
+        "safetensors",  # export / import of Hugging Face and plain-tensor checkpoints
     ],
     extras_require={
-        # pycocoevalcap: the reference our caption metrics are tested against (tests only).
-        "test": ["pytest", "torch==2.13.0", "transformers", "apache-beam[tfrecord]>=2.77",
-                 "pycocoevalcap==1.2"],
+        # METEOR / SPICE through pycocoevalcap's Java scorers (used where Java is installed;
+        # CIDEr-D, BLEU and ROUGE-L are ours and need neither), and tools/plot_metrics.py.
+        "eval": EVAL,
+        # pycocoevalcap is also the reference our caption metrics are tested against;
+        # transformers (with a CPU torch) checks the Hugging Face export and import.
+        "test": ["pytest", "torch==2.13.0", "transformers", "apache-beam[tfrecord]>=2.77"] + EVAL,
         # Offline caching of seqio tasks (`python -m vlpjax.data.cache`, docs/data.md).
         "beam": ["apache-beam[tfrecord]>=2.77"],
         # Ahead-of-time compilation for TPU topologies on a CPU-only machine.

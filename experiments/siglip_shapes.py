@@ -5,8 +5,8 @@
   python -m vlpjax.train --config experiments/siglip_shapes.py:flip=0.5 ...   # FLIP masking
 
 A tiny ViT (patch 8 on 32 px images) and text transformer, trained from scratch with the
-sigmoid loss; zero-shot classification over the 20 colour x shape classes and retrieval on the
-held-out split every `eval_every` steps and at the end.
+sigmoid loss; zero-shot classification over the 20 colour x shape classes, retrieval and
+Winoground-style binary choice on the held-out split every `eval_every` steps and at the end.
 """
 import ml_collections
 
@@ -59,6 +59,11 @@ def get_config(arg=None):
                     templates=["a {}", "a photo of a {}", "{}"]),
       retrieval=dict(type="retrieval", every_steps=arg.eval_every, task="shapes_captions",
                      split="validation", pp=eval_pp, batch_size=256, ks=[1, 5]),
+      # Winoground-style: held-out images paired by their most similar captions ("a small red
+      # circle ..." vs "a small blue circle ..."); a tie counts as wrong.
+      binary_choice=dict(type="binary_choice", every_steps=arg.eval_every,
+                         task="shapes_captions", split="validation", pp=eval_pp,
+                         batch_size=256),
   )
   c.log_every_steps = 50
   c.checkpoint = dict(every_steps=500, max_to_keep=2, async_save=True)

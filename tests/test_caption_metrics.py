@@ -1,11 +1,18 @@
-"""CIDEr-D / BLEU / ROUGE-L / tokenizer: hand-computed cases and agreement with pycocoevalcap."""
+"""CIDEr-D / BLEU / ROUGE-L / tokenizer: hand-computed cases and agreement with pycocoevalcap.
+
+METEOR / SPICE (`java_metrics`): agreement with pycocoevalcap's Java scorers and error paths.
+"""
 import math
+import os
 import shutil
+import types
 
 import numpy as np
 import pytest
 
 from vlpjax.evaluators import caption_metrics as cm
+from vlpjax.evaluators import captioning
+from vlpjax.evaluators import java_metrics as jm
 
 # -- tokenizer -------------------------------------------------------------------------------
 
@@ -232,3 +239,113 @@ def test_empty_candidate_agrees_with_pycocoevalcap():
                              Bleu(4).compute_score(refs, res, verbose=0)[0], **tol)
   np.testing.assert_allclose(cm.rouge_l(cands, refs), Rouge().compute_score(refs, res)[0],
                              **tol)
+
+
+# -- METEOR and SPICE (pycocoevalcap's Java scorers) -----------------------------------------
+
+needs_java = pytest.mark.skipif(not jm.java_available(), reason="METEOR needs java")
+
+
+def _java_children():
+  """PIDs of this process's java children, running or zombie (Linux /proc)."""
+  me, pids = str(os.getpid()), []
+  for entry in os.listdir("/proc"):
+    try:
+      with open(f"/proc/{entry}/stat") as f:
+        stat = f.read()
+    except (OSError, ValueError):
+      continue
+    # "pid (comm) state ppid ...": comm may hold spaces, so split after its ")".
+    comm, rest = stat[stat.index("(") + 1:stat.rindex(")")], stat[stat.rindex(")") + 2:]
+    if comm == "java" and rest.split()[1] == me:
+      pids.append(int(entry))
+  return pids
+
+
+def _meteor_sets():
+  """Three random-word sets and one of punctuated COCO-style text with an empty candidate."""
+  sets = _random_sets()[1:4]
+  cands = {i: PTB_SENTENCES[i].replace(" a ", " the ", 1) for i in range(8)}
+  cands[8] = ""
+  refs = {i: [PTB_SENTENCES[i], PTB_SENTENCES[i + 12]] for i in range(9)}
+  return sets + [(cands, refs)]
+
+
+@needs_java
+def test_meteor_agrees_with_pycocoevalcap():
+  from pycocoevalcap.meteor.meteor import Meteor  # pylint: disable=g-import-not-at-top
+  from pycocoevalcap.tokenizer import ptbtokenizer  # pylint: disable=g-import-not-at-top
+  sets = _meteor_sets()
+  before = set(_java_children())
+  got = jm.meteor_corpora(sets)  # One Java process for the four sets.
+  assert set(_java_children()) <= before  # It is gone (no zombie either).
+
+  # COCO's pipeline: the Java PTB tokenizer, then pycocoevalcap's Meteor on each set.
+  texts = {f"{s}/{k}/{j}": text for s, (cands, refs) in enumerate(sets) for k in cands
+           for j, text in enumerate([cands[k]] + list(refs[k])) if text}
+  tokenized = ptbtokenizer.PTBTokenizer().tokenize(
+      {key: [{"caption": t}] for key, t in texts.items()})
+  tok = lambda s, k, j: tokenized.get(f"{s}/{k}/{j}", [""])[0]  # "" was not sent
+  scorer = Meteor()
+  try:
+    for s, (cands, refs) in enumerate(sets):
+      res = {k: [tok(s, k, 0)] for k in cands}
+      gts = {k: [tok(s, k, j + 1) for j in range(len(refs[k]))] for k in cands}
+      want, want_ids = scorer.compute_score(gts, res)
+      corpus, per_id = got[s]
+      assert corpus == pytest.approx(want, abs=1e-12), s
+      np.testing.assert_allclose([per_id[k] for k in cands], want_ids, rtol=0, atol=1e-12)
+      assert 0 < corpus < 1
+  finally:
+    del scorer  # pycocoevalcap ends its java process in __del__.
+
+  # The captioning evaluator's score() adds it on request, and only then.
+  cands, refs = sets[-1]
+  assert captioning.score(cands, refs, meteor=True)["meteor"] == got[-1][0]
+  assert "meteor" not in captioning.score(cands, refs)
+
+
+def test_meteor_bad_input_fails_before_java():
+  with pytest.raises(ValueError, match="No candidates"):
+    jm.meteor({}, {})
+  with pytest.raises(ValueError, match=r"corpus|same ids"):
+    jm.meteor_corpora([({0: "a dog"}, {0: ["a dog"]}), ({0: "a"}, {1: ["a"]})])
+  assert jm.meteor_corpora([]) == []
+
+
+def test_java_metrics_without_java_say_what_is_missing(monkeypatch, tmp_path):
+  monkeypatch.setenv("PATH", str(tmp_path))  # An empty directory: no java on PATH.
+  assert not jm.java_available() and not jm.spice_available()
+  with pytest.raises(RuntimeError, match="METEOR cannot run here, it lacks Java"):
+    jm.meteor({0: "a dog"}, {0: ["a dog"]})
+  with pytest.raises(RuntimeError, match="SPICE cannot run here, it lacks Java"):
+    jm.spice({0: "a dog"}, {0: ["a dog"]})
+  # Config: "auto" turns METEOR off; True fails at construction, naming what is missing.
+  assert jm.resolve_java_metrics("auto", "evals.cap.java_metrics") is False
+  with pytest.raises(ValueError, match=r"evals.cap.java_metrics=True, but METEOR cannot run "
+                                       r"here: Java \(no `java` on PATH"):
+    captioning.Captioning("cap", dict(task="unused", java_metrics=True),
+                          config=types.SimpleNamespace(family="coca"),
+                          family=types.SimpleNamespace(caption=None), mesh=None)
+
+
+def test_resolve_java_metrics():
+  assert jm.resolve_java_metrics("auto", "x") == jm.java_available()
+  assert jm.resolve_java_metrics(False, "x") is False
+  assert jm.resolve_java_metrics("False", "x") is False  # A command-line override of "auto".
+  if jm.java_available():
+    assert jm.resolve_java_metrics(True, "x") is True
+    assert jm.resolve_java_metrics("TRUE", "x") is True
+  for bad in ("yes", 1, None):
+    with pytest.raises(ValueError, match=r"evals.e.java_metrics must be one of \('auto', "
+                                         r"True, False\)"):
+      jm.resolve_java_metrics(bad, "evals.e.java_metrics")
+
+
+def test_spice_without_corenlp_jars_says_so():
+  if jm.spice_available():
+    pytest.skip("the CoreNLP jars are installed here")
+  with pytest.raises(RuntimeError, match="SPICE cannot run here.*Stanford CoreNLP 3.6.0 jars"):
+    jm.spice({0: "a dog"}, {0: ["a dog"]})
+  with pytest.raises(ValueError, match="No candidates"):  # Input is checked first.
+    jm.spice({}, {})

@@ -2,11 +2,16 @@
 
 Expected values are worked out by hand in the comments.
 """
+import random
+import string
+
 import numpy as np
 import pytest
 
 from vlpjax.evaluators import caption_metrics
 from vlpjax.evaluators import event_metrics as em
+from vlpjax.evaluators import java_metrics
+from vlpjax.evaluators import video_evals
 
 # -- tIoU ------------------------------------------------------------------------------------
 
@@ -149,6 +154,67 @@ def test_dense_caption_single_item_video_scores_zero():
   # The evaluator's quirk: with one item per video every idf is log(1 / 1) = 0.
   scores = em.dense_caption_scores([[(0, 1, DOG)]], [[(0, 1, DOG)]])
   assert scores["cider"] == 0.0 and scores["f1"] == 1.0
+
+
+def _meteor_reference(per_threshold_items):
+  """{t: mean over videos of pycocoevalcap's Meteor of the video's (res, gts) items}."""
+  from pycocoevalcap.meteor.meteor import Meteor  # pylint: disable=g-import-not-at-top
+  scorer = Meteor()
+  try:
+    return {t: np.mean([scorer.compute_score({i: [r] for i, r in enumerate(refs)},
+                                             {i: [c] for i, c in enumerate(cands)})[0]
+                        if cands else 0.0 for cands, refs in videos])
+            for t, videos in per_threshold_items.items()}
+  finally:
+    del scorer  # pycocoevalcap ends its java process in __del__.
+
+
+@pytest.mark.skipif(not java_metrics.java_available(), reason="METEOR needs java")
+def test_dense_caption_meteor_against_per_pair_pycocoevalcap():
+  opens, runs, both = "a man opens a door", "a dog runs in the yard", "a man and a dog"
+  unmatched = "no cat is matching the reference"  # Words of the CIDEr-style sentinels.
+  sleeps, claps = "a cat sleeps on a sofa", "people clap"
+  preds = [[(0.0, 0.4, opens), (0.5, 0.8, runs), (0.0, 1.0, both)],
+           [(0.6, 1.0, unmatched)],
+           [],
+           [(0.0, 1.0, "a video without references")]]
+  refs = [[(0.0, 0.4, DOOR), (0.5, 1.0, DOG)],
+          [(0.0, 0.5, sleeps)],
+          [(0.2, 0.6, claps)],
+          []]
+  # tIoU, video A: opens 1 / 0, runs 0 / 0.6, both 0.4 / 0.5; video B: 0. Video C has no
+  # prediction (0), video D no reference (left out). The script's no-match reference is a
+  # random word of 10-20 letters.
+  nothing = "".join(random.Random(0).choice(string.ascii_lowercase) for _ in range(15))
+  items = {
+      0.3: [([opens, runs, both, both], [DOOR, DOG, DOOR, DOG]),
+            ([unmatched], [nothing]), ([], [])],
+      0.7: [([opens, runs, both], [DOOR, nothing, nothing]),
+            ([unmatched], [nothing]), ([], [])],
+  }
+  want = _meteor_reference(items)
+  scores = em.dense_caption_scores(preds, refs, thresholds=(0.3, 0.7), meteor=True)
+  for t in (0.3, 0.7):
+    assert scores[f"meteor@{t}"] == pytest.approx(want[t], abs=1e-12), t
+  assert scores["meteor"] == pytest.approx((want[0.3] + want[0.7]) / 2, abs=1e-12)
+  assert 0 < scores["meteor@0.7"] < scores["meteor@0.3"] < 1
+  # Localisation and CIDEr do not change.
+  plain = em.dense_caption_scores(preds, refs, thresholds=(0.3, 0.7))
+  assert {k: v for k, v in scores.items() if not k.startswith("meteor")} == plain
+  assert not any(k.startswith("meteor") for k in plain)
+
+
+def test_dense_caption_meteor_without_java_fails_first(monkeypatch, tmp_path):
+  monkeypatch.setenv("PATH", str(tmp_path))  # An empty directory: no java on PATH.
+  with pytest.raises(RuntimeError, match="METEOR cannot run here, it lacks Java"):
+    em.dense_caption_scores([[]], [[(0, 1, DOG)]], meteor=True)  # Even with no item at all.
+  with pytest.raises(ValueError, match=r"evals.dense.java_metrics=True, but METEOR cannot "
+                                       r"run here: Java"):
+    video_evals.DenseCaptioning("dense", dict(task="unused", java_metrics=True),
+                                config=None, family=None, mesh=None)
+  with pytest.raises(ValueError, match=r"evals.dense.java_metrics must be one of"):
+    video_evals.DenseCaptioning("dense", dict(task="unused", java_metrics="always"),
+                                config=None, family=None, mesh=None)
 
 
 def test_dense_caption_bad_events():

@@ -8,6 +8,7 @@ from PIL import Image
 import pytest
 
 from vlpjax import config as config_lib
+from vlpjax import evaluate
 from vlpjax import predict
 from vlpjax import trainer
 from vlpjax.data import shapes
@@ -27,7 +28,7 @@ def tiny_vlm_config(steps: int, evals: bool = False):
   if evals:
     config.evals = dict(
         captioning=dict(type="captioning", task="shapes_captions", split="validation",
-                        pp="resize(16)|value_range(-1, 1)", batch_size=8,
+                        pp="resize(16)|value_range(-1, 1)", batch_size=8, java_metrics=False,
                         decode=dict(max_decode_len=6), max_examples=8,
                         baseline_caption="a red circle", num_shown=1),
         with_images=dict(type="prefix_lm_loss", task="stories_interleaved", split="validation",
@@ -77,6 +78,14 @@ def test_prefix_lm_run_logs_task_counts_and_evals(straight_run):
   # Same targets either way: only the prefix loses its images.
   assert with_images["num_tokens"] == without["num_tokens"] > 0
   assert np.isfinite(with_images["loss"]) and with_images["loss"] != without["loss"]
+
+
+def test_eval_only_run_reproduces_generative_evals(straight_run):
+  """Captioning (greedy decoding) and prefix-LM perplexity, re-run from the checkpoint."""
+  workdir, result = straight_run
+  again = evaluate.evaluate(workdir, tiny_vlm_config(4, evals=True))[4]
+  for name in ("captioning", "with_images", "without_images"):
+    assert again[name] == pytest.approx(result[name], abs=1e-6), name
 
 
 def test_predict_captions_image_files(straight_run, tmp_path):

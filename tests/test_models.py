@@ -103,6 +103,39 @@ def test_text_pooling(pool_type):
   np.testing.assert_allclose(aux["pooled"], want, rtol=1e-6)
 
 
+def test_clip_options_change_nothing_by_default():
+  """pre_norm / proj_bias / head_bias: defaults keep today's trees; CLIP's drop or add one."""
+  default_img = ViT(**TINY_VIT, pool_type="tok", head_dim_out=24).init(
+      jax.random.PRNGKey(0), _images())["params"]
+  assert "pre_layernorm" not in default_img and "bias" in default_img["proj"]
+  clip_img = ViT(**TINY_VIT, pool_type="tok", head_dim_out=24, pre_norm=True,
+                 proj_bias=False).init(jax.random.PRNGKey(0), _images())["params"]
+  assert set(clip_img) == set(default_img) | {"pre_layernorm"}
+  assert set(clip_img["proj"]) == {"kernel"}
+  assert set(clip_img["pre_layernorm"]) == {"scale", "bias"}
+  default_txt = TextEncoder(**TINY_TEXT, out_dim=12).init(jax.random.PRNGKey(0), _texts())
+  clip_txt = TextEncoder(**TINY_TEXT, out_dim=12, head_bias=False, causal=True).init(
+      jax.random.PRNGKey(0), _texts())
+  assert "bias" in default_txt["params"]["head"]
+  assert set(clip_txt["params"]["head"]) == {"kernel"}
+  # `causal` adds no parameter: the same params run either way.
+  assert (jax.tree.map(np.shape, default_txt["params"]["encoder"])
+          == jax.tree.map(np.shape, clip_txt["params"]["encoder"]))
+
+
+def test_causal_text_positions_ignore_later_tokens():
+  texts = jnp.array([[3, 4, 5, 6, 7, 8]])
+  later = texts.at[0, 4].set(9)  # Only position 4 changes.
+  for causal in (True, False):
+    model = TextEncoder(**TINY_TEXT, causal=causal)
+    variables = model.init(jax.random.PRNGKey(0), texts)
+    tokens = model.apply(variables, texts)[1]["tokens"]
+    tokens_later = model.apply(variables, later)[1]["tokens"]
+    same = np.allclose(tokens_later[:, :4], tokens[:, :4], rtol=1e-6, atol=1e-6)
+    assert same == causal
+    assert not np.allclose(tokens_later[:, 4:], tokens[:, 4:])
+
+
 def test_text_variant_and_short_texts():
   model = TextEncoder(variant="mu", vocab_size=50, max_len=6, out_dim=8)
   (out, _), params = model.init_with_output(jax.random.PRNGKey(0), _texts(length=4))

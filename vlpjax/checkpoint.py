@@ -10,6 +10,7 @@ from typing import Any, Dict, Optional, Tuple
 
 from absl import logging
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 
@@ -57,6 +58,27 @@ class Checkpointer:
     logging.info("Restored checkpoint step %d from %s.", step, self.directory)
     return restored.state, dict(restored.meta)
 
+  def restore_params(self, step: int, abstract_params: Any) -> Any:
+    """Only the params of `step` (no optimizer state is read), with `abstract_params`' shardings.
+
+    Evaluation and export need a third of what a full restore reads (AdamW keeps two moments
+    per param), so a 3B model evaluates on hosts that could not hold its whole train state.
+    """
+    if step not in self.all_steps():
+      raise ValueError(f"no checkpoint at step {step} in {self.directory} "
+                       f"(have {self.all_steps()}).")
+    # Read the `state` item directly: the manager's handler for it is the StandardCheckpoint
+    # one, which cannot leave out subtrees.
+    path = os.path.join(str(self._manager.directory), str(step), "state")
+    with ocp.PyTreeCheckpointer() as checkpointer:
+      restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
+          item={"params": abstract_params},
+          restore_args={"params": ocp.checkpoint_utils.construct_restore_args(
+              abstract_params)},
+          partial_restore=True))
+    logging.info("Restored params of checkpoint step %d from %s.", step, self.directory)
+    return restored["params"]
+
   def wait(self) -> None:
     """Blocks until every pending save is committed."""
     self._manager.wait_until_finished()
@@ -70,3 +92,61 @@ def abstract_with_shardings(abstract_tree, shardings):
   """ShapeDtypeStructs that carry the target shardings, for `Checkpointer.restore`."""
   return jax.tree.map(
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_tree, shardings)
+
+
+def save_params(directory: str, params: Any) -> None:
+  """A params-only Orbax checkpoint (the `orbax` export format, `tools.import_checkpoint`)."""
+  directory = os.path.abspath(directory) if "://" not in directory else directory
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(directory, params)
+
+
+def load_params(directory: str, abstract_params: Optional[Any] = None) -> Any:
+  """Params saved by `save_params`: onto `abstract_params`' shardings, or as host arrays."""
+  directory = os.path.abspath(directory) if "://" not in directory else directory
+  with ocp.StandardCheckpointer() as checkpointer:
+    if abstract_params is None:
+      # Without a target Orbax would restore onto the shardings the saver had; a params file
+      # moves between machines, so read plain numpy arrays instead.
+      metadata = checkpointer.metadata(directory).item_metadata
+      abstract_params = jax.tree.map(
+          lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), metadata)
+      restored = checkpointer.restore(directory, abstract_params)
+      return jax.tree.map(np.asarray, restored)
+    return checkpointer.restore(directory, abstract_params)
+
+
+def read_params_from(path: str, step: Optional[int] = None) -> Tuple[Any, str]:
+  """Host numpy params of `path`: a params directory (`save_params`) or a train workdir.
+
+  For a workdir, the checkpoint at `step` (default: the latest) is read, params only. Returns
+  (params, a description of what was read, for logs).
+  """
+  if _exists(os.path.join(path, "checkpoints")):
+    directory = os.path.join(path, "checkpoints")
+    manager = ocp.CheckpointManager(os.path.abspath(directory) if "://" not in directory
+                                    else directory)
+    steps = sorted(manager.all_steps())
+    manager.close()
+    chosen = steps[-1] if steps and step is None else step
+    if chosen is None or chosen not in steps:
+      raise ValueError(f"no checkpoint {'at all' if step is None else f'at step {step}'} in "
+                       f"{directory} (have {steps}).")
+    state_dir = os.path.join(directory, str(chosen), "state")
+    with ocp.PyTreeCheckpointer() as checkpointer:
+      metadata = checkpointer.metadata(state_dir).item_metadata["params"]
+      abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), metadata)
+      restored = checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(
+          item={"params": abstract},
+          restore_args={"params": jax.tree.map(
+              lambda _: ocp.RestoreArgs(restore_type=np.ndarray), abstract)},
+          partial_restore=True))
+    return restored["params"], f"{path} step {chosen}"
+  if step is not None:
+    raise ValueError(f"{path} is a params directory, not a workdir: it has no steps.")
+  return load_params(path), path
+
+
+def _exists(path: str) -> bool:
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top  (gs:// paths)
+  return tf.io.gfile.exists(path)

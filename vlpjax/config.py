@@ -80,6 +80,9 @@ def defaults() -> ConfigDict:
 
   c.evals = ConfigDict()        # name -> dict(type=..., every_steps=..., ...)
   c.pretrained = ConfigDict()   # family-specific initialisation, e.g. llm_hf_path for a VLM
+  # Start from other weights (vlpjax/init_from.py): a params dir or a workdir; include = regex
+  # of params to take ('' = all the source has); step = the workdir's checkpoint (-1 = latest).
+  c.init_from = ConfigDict(dict(path="", include="", step=-1))
 
   c.log_every_steps = 10
   c.checkpoint = ConfigDict(dict(every_steps=1000, max_to_keep=3, async_save=True))
@@ -122,6 +125,17 @@ def parse_arg(arg: Optional[str], **declared: Any) -> ConfigDict:
                         f"{_did_you_mean(key, declared)}.")
     result[key] = _coerce(raw, declared[key], f"config arg {key!r}") if eq else True
   return result
+
+
+def split_overrides(parser, rest: Sequence[str]) -> list:
+  """`--config.a.b=value` command-line items -> ["a.b=value", ...]; anything else is an
+  argparse error (the tools that take a config all accept overrides this way)."""
+  overrides = []
+  for item in rest:
+    if not item.startswith("--config."):
+      parser.error(f"unrecognised argument {item!r} (overrides look like --config.a.b=value)")
+    overrides.append(item[len("--config."):])
+  return overrides
 
 
 def apply_overrides(config: ConfigDict, overrides: Iterable[str]) -> ConfigDict:

@@ -11,8 +11,6 @@ Works for every family that captions (CoCa, the prefix-LM VLM).
 """
 import argparse
 import dataclasses
-import json
-import os
 import sys
 from typing import List, Optional, Sequence
 
@@ -49,32 +47,17 @@ def caption_images(workdir: str, paths: Sequence[str], step: Optional[int] = Non
   # pylint: disable=g-import-not-at-top  (fast --help and argument errors)
   import jax
   import seqio
-  from vlpjax import checkpoint as checkpoint_lib
   from vlpjax import sharding
   from vlpjax import trainer
+  from vlpjax import workdir as workdir_lib
   from vlpjax.evaluators import captioning
 
-  config_path = os.path.join(workdir, "config.json")
-  if not os.path.exists(config_path):
-    raise ValueError(f"{workdir} has no config.json: is it a vlpjax.train workdir?")
-  with open(config_path) as f:
-    config = config_lib.finalize(config_lib.ConfigDict(json.load(f)))
+  config = workdir_lib.read_config(workdir)
   trainer.import_data_modules(config)
   setup = trainer.build(config)
   if not hasattr(setup.family, "caption"):
     raise ValueError(f"family {config.family!r} does not caption images.")
-  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                     **config.checkpoint.to_dict())
-  try:
-    step = ckpt.latest_step() if step is None else step
-    if step is None or step not in ckpt.all_steps():
-      raise ValueError(f"no checkpoint {'at all' if step is None else f'at step {step}'} in "
-                       f"{workdir}/checkpoints (have {ckpt.all_steps()}).")
-    target = checkpoint_lib.abstract_with_shardings(setup.abstract_state,
-                                                    setup.state_shardings)
-    state, _ = ckpt.restore(step, target)
-  finally:
-    ckpt.close()
+  params, _ = workdir_lib.restore_params(workdir, setup, step)
 
   features = seqio.get_mixture_or_task(config.input.task).output_features
   vocab = (features.get("texts") or features["targets"]).vocabulary
@@ -87,8 +70,7 @@ def caption_images(workdir: str, paths: Sequence[str], step: Optional[int] = Non
   with sharding.logical_context(setup.mesh, config.sharding_rules):
     tokens = jax.jit(lambda p, x: setup.family.caption(
         p, x, decode=decode_cfg, rng=jax.random.key(config.seed)))(
-            state["params"], sharding.global_batch({"x": padded}, setup.mesh,
-                                                   config.sharding_rules)["x"])
+            params, sharding.global_batch({"x": padded}, setup.mesh, config.sharding_rules)["x"])
   return captioning.detokenize(vocab, np.asarray(tokens)[:len(images)], decode_cfg.eos_id)
 
 

@@ -38,12 +38,7 @@ def parse_args(argv):
   parser.add_argument("--print_config", action="store_true",
                       help="print the effective config and exit")
   args, rest = parser.parse_known_args(argv)
-  overrides = []
-  for item in rest:
-    if not item.startswith("--config."):
-      parser.error(f"unrecognised argument {item!r} (overrides look like --config.a.b=value)")
-    overrides.append(item[len("--config."):])
-  return args, overrides
+  return args, config_lib.split_overrides(parser, rest)
 
 
 def load_config(spec: str, overrides) -> config_lib.ConfigDict:

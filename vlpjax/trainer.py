@@ -18,15 +18,17 @@ import tensorflow as tf
 
 from vlpjax import checkpoint as checkpoint_lib
 from vlpjax import config as config_lib
+from vlpjax import init_from
 from vlpjax import metrics as metrics_lib
 from vlpjax import optim
 from vlpjax import sharding
 from vlpjax import train_step as train_step_lib
+from vlpjax import workdir as workdir_lib
 from vlpjax.data import cache
 from vlpjax.data import pipeline
 from vlpjax.data import prefix_lm_pipeline
 from vlpjax.data import tasks
-from vlpjax.evaluators import build_evaluators
+from vlpjax.evaluators import build_evaluators, run_evaluators
 from vlpjax.families import get_family, input_config
 
 
@@ -240,7 +242,7 @@ class Loop:
             ckpt.save(done, state, {"data_position": data_position + done - start,
                                     "task_counts": dict(self.task_counts)})
             print(f"checkpoint saved at step {done}", flush=True)
-          results.update(self._run_evals(evaluators, state, done, writer))
+          results.update(self._run_evals(evaluators, state, done, writer, ckpt))
       if pending is not None:
         self._handle_metrics(*pending, progress, writer)
     finally:
@@ -269,6 +271,15 @@ class Loop:
         # e.g. a Hugging Face LM as the VLM's decoder; placed onto the params' shardings.
         params = setup.family.pretrained(state["params"], self.config)
         state["params"] = jax.device_put(params, setup.state_shardings["params"])
+      if self.config.init_from.path:
+        # Taken params come back as full host arrays (every host reads them), the rest stay
+        # the sharded fresh arrays: nothing is gathered, so this works on any mesh.
+        params, lines = init_from.merge_init_params(state["params"], self.config.init_from)
+        state["params"] = jax.tree.map(
+            lambda v, s: jax.device_put(v, s) if isinstance(v, np.ndarray) else v,
+            params, setup.state_shardings["params"])
+        if self.is_lead:
+          print("\n".join(lines), flush=True)
       return state, {"data_position": 0}
     target = checkpoint_lib.abstract_with_shardings(setup.abstract_state,
                                                     setup.state_shardings)
@@ -297,19 +308,19 @@ class Loop:
   def _eval_due(evaluators, step) -> bool:
     return any(e.every_steps and step % e.every_steps == 0 for e in evaluators.values())
 
-  def _run_evals(self, evaluators, state, step, writer) -> Dict[str, Dict[str, float]]:
+  def _run_evals(self, evaluators, state, step, writer, ckpt) -> Dict[str, Dict[str, float]]:
     final = step == self.config.total_steps
-    out = {}
-    for name, evaluator in evaluators.items():
-      if not (final or (evaluator.every_steps and step % evaluator.every_steps == 0)):
-        continue
-      t0 = time.perf_counter()
-      values = evaluator.run(state["params"])
-      writer.write_scalars(step, {f"{name}/{k}": v for k, v in values.items()})
-      shown = ", ".join(f"{k} {v:g}" if k.startswith("num_") else f"{k} {v:.4f}"
-                        for k, v in values.items())
-      print(f"eval {name} @ step {step}: {shown} ({time.perf_counter() - t0:.1f}s)", flush=True)
-      out[name] = values
-      self.eval_seconds += time.perf_counter() - t0
-    writer.flush()
-    return out
+    due = {name: e for name, e in evaluators.items()
+           if final or (e.every_steps and step % e.every_steps == 0)}
+    if not due:
+      return {}
+    t0 = time.perf_counter()
+    results = run_evaluators(due, state["params"], step, writer)
+    self.eval_seconds += time.perf_counter() - t0
+    if self.is_lead:
+      # Beside the step's checkpoint when one was saved now: let the async save (which ran
+      # while the evals did) commit first, so the JSON lands in the committed directory.
+      if ckpt.should_save(step, self.config.total_steps):
+        ckpt.wait()
+      workdir_lib.write_eval_results(self.workdir, step, results)
+    return results

@@ -330,8 +330,14 @@ def eval_dataset(data_config, *, global_batch_size: int, process_index: int = 0,
     keys.append("label")
   seed = tf.constant([_EVAL_SEED, _PP_SALT], tf.int64)  # Unused by deterministic ops.
 
+  has_id = "id" in ds.element_spec
+
   def pp(features):
     out = _select(chain(features, seed), keys, data_config.text_length)
+    if has_id:
+      # A number per example that is the same whatever the process layout, so evaluators
+      # whose result depends on example order (pairing) can put the gathered rows in one order.
+      out["id_hash"] = tf.strings.to_hash_bucket_fast(features["id"], 2 ** 62)
     out["mask"] = tf.constant(True)
     return out
 
@@ -347,7 +353,8 @@ def eval_batches(data_config, *, global_batch_size: int, process_index: int = 0,
 
   The last batches are padded with zero examples; `mask` (bool [b]) is True for
   real ones, so metrics must weight by it. Every process yields the same
-  number of batches. `label` (int32) is kept when the task provides it.
+  number of batches. `label` (int32) is kept when the task provides it, and `id_hash`
+  (int64, a hash of the example's `id`) when it has ids.
   """
   return eval_dataset(data_config, global_batch_size=global_batch_size,
                       process_index=process_index,

@@ -110,7 +110,7 @@ def tokenize(caption: str) -> List[str]:
 
 # -- shared ----------------------------------------------------------------------------------
 
-def _check(candidates: Candidates, references: References) -> List[Hashable]:
+def check_ids(candidates: Candidates, references: References) -> List[Hashable]:
   """The ids to score, after checking both dicts describe the same non-empty set."""
   if not candidates:
     raise ValueError("No candidates to score.")
@@ -148,7 +148,7 @@ def _tfidf(counts: NGramCounts, doc_freq: Mapping[tuple, int], log_num_ids: floa
 def cider_d(candidates: Candidates, references: References, *, n: int = 4,
             sigma: float = 6.0) -> Tuple[float, Dict[Hashable, float]]:
   """-> (corpus CIDEr-D, {id: CIDEr-D}); the corpus score is the mean over ids."""
-  ids = _check(candidates, references)
+  ids = check_ids(candidates, references)
   cand_tokens = {k: tokenize(candidates[k]) for k in ids}
   ref_tokens = {k: [tokenize(r) for r in references[k]] for k in ids}
   ref_counts = {k: [_ngrams(r, n) for r in ref_tokens[k]] for k in ids}
@@ -197,7 +197,7 @@ def bleu_scores(candidates: Candidates, references: References, n: int = 4
   """-> ([corpus BLEU-1, ..., BLEU-n], {id: [BLEU-1, ..., BLEU-n] of that id alone})."""
   if n < 1:
     raise ValueError(f"BLEU order n must be >= 1, got {n}.")
-  ids = _check(candidates, references)
+  ids = check_ids(candidates, references)
   total_matches, total_counts = [0] * n, [0] * n
   total_cand_len = total_ref_len = 0
   per_id = {}
@@ -258,7 +258,7 @@ def rouge_l_scores(candidates: Candidates, references: References, beta: float =
   """{id: ROUGE-L} of every candidate."""
   return {k: rouge_l_sentence(tokenize(candidates[k]), [tokenize(r) for r in references[k]],
                               beta)
-          for k in _check(candidates, references)}
+          for k in check_ids(candidates, references)}
 
 
 def rouge_l(candidates: Candidates, references: References, beta: float = 1.2) -> float:

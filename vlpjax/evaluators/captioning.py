@@ -7,6 +7,9 @@ Config entry (`config.evals.<name>`):
   baseline_caption  optional: also score this one caption for every image, the
                     constant-caption baseline a captioner has to beat
   num_shown         how many (generated, reference) pairs to print per run
+  java_metrics      METEOR too, which needs Java (`java_metrics`): "auto" (default) where
+                    `java_metrics.java_available()`, True to require it (an error at
+                    construction names what is missing), False never
 
 The task is an image-text task (`image`, `texts`); the reference of an image is its caption,
 detokenized. Any family with `caption(params, images, *, decode, rng)` works (CoCa, VLM).
@@ -21,6 +24,7 @@ from vlpjax import decoding
 from vlpjax.evaluators import EVALUATORS
 from vlpjax.evaluators import caption_metrics
 from vlpjax.evaluators import common
+from vlpjax.evaluators import java_metrics
 
 
 def detokenize(vocab, tokens: np.ndarray, eos_id: int) -> List[str]:
@@ -34,22 +38,26 @@ def detokenize(vocab, tokens: np.ndarray, eos_id: int) -> List[str]:
   return out
 
 
-def score(candidates: Dict[int, str], references: Dict[int, List[str]]) -> Dict[str, float]:
-  """CIDEr-D, BLEU-4 and ROUGE-L of candidates against references (same keys)."""
+def score(candidates: Dict[int, str], references: Dict[int, List[str]], *,
+          meteor: bool = False) -> Dict[str, float]:
+  """CIDEr-D, BLEU-4, ROUGE-L (and METEOR with `meteor`: Java) of candidates (same keys)."""
   cider, _ = caption_metrics.cider_d(candidates, references)
-  return {"cider": float(cider),
-          "bleu4": float(caption_metrics.bleu(candidates, references, n=4)),
-          "rouge_l": float(caption_metrics.rouge_l(candidates, references))}
+  metrics = {"cider": float(cider),
+             "bleu4": float(caption_metrics.bleu(candidates, references, n=4)),
+             "rouge_l": float(caption_metrics.rouge_l(candidates, references))}
+  if meteor:
+    metrics["meteor"] = java_metrics.meteor(candidates, references)[0]
+  return metrics
 
 
 @EVALUATORS.register("captioning")
 class Captioning:
-  """CIDEr-D / BLEU-4 / ROUGE-L of generated captions (and of a constant baseline)."""
+  """CIDEr-D / BLEU-4 / ROUGE-L / METEOR of generated captions (and of a constant baseline)."""
 
   @staticmethod
   def config_keys():
     return ("every_steps", "task", "split", "pp", "batch_size", "decode", "max_examples",
-            "baseline_caption", "num_shown")
+            "baseline_caption", "num_shown", "java_metrics")
 
   def __init__(self, name, cfg: Dict, *, config, family, mesh):
     if not hasattr(family, "caption"):
@@ -59,6 +67,8 @@ class Captioning:
     self.max_examples = int(cfg.get("max_examples", 0))
     self.baseline = cfg.get("baseline_caption", "")
     self.num_shown = int(cfg.get("num_shown", 3))
+    self.meteor = java_metrics.resolve_java_metrics(cfg.get("java_metrics", "auto"),
+                                                    f"evals.{name}.java_metrics")
     self.data = common.EvalData(cfg["task"], cfg.get("split", "validation"), cfg.get("pp", ""),
                                 cfg.get("batch_size", config.global_batch_size))
     self.vocab = seqio.get_mixture_or_task(cfg["task"]).output_features["texts"].vocabulary
@@ -88,7 +98,7 @@ class Captioning:
       tokens, references = tokens[:self.max_examples], references[:self.max_examples]
     generated = detokenize(self.vocab, tokens, self.decode.eos_id)
     refs = {i: [r] for i, r in enumerate(detokenize(self.vocab, references, 0))}
-    metrics = score(dict(enumerate(generated)), refs)
+    metrics = score(dict(enumerate(generated)), refs, meteor=self.meteor)
     if self.baseline:
       metrics["baseline_cider"] = score({i: self.baseline for i in refs}, refs)["cider"]
     metrics["num_examples"] = float(len(generated))

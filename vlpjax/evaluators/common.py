@@ -53,6 +53,12 @@ def gather_hosts(local: np.ndarray) -> np.ndarray:
   """Host-side values (masks, labels) of the whole global batch, in process order."""
   if jax.process_count() == 1:
     return local
+  if local.dtype.itemsize == 8 and not jax.config.jax_enable_x64:
+    # Without x64 JAX would truncate 64-bit values (e.g. id hashes) to 32 bits: send each as
+    # two 32-bit halves instead.
+    halves = np.ascontiguousarray(local).view(np.int32)
+    gathered = np.asarray(multihost_utils.process_allgather(halves, tiled=True))
+    return np.ascontiguousarray(gathered).view(local.dtype)
   return np.asarray(multihost_utils.process_allgather(local, tiled=True))
 
 
@@ -83,8 +89,13 @@ class DatasetEmbedder:
     return np.asarray(self._embed_texts(params, to_global(local, self.mesh, self.rules)))[:n]
 
   def embed_dataset(self, params, want_texts: bool = True) -> Dict[str, np.ndarray]:
-    """{'zimg', 'ztxt' and 'texts' (if want_texts), 'label' (if present)}, valid rows only."""
-    outs: Dict[str, List[np.ndarray]] = {"zimg": [], "ztxt": [], "texts": [], "label": []}
+    """{'zimg', 'ztxt' and 'texts' (if want_texts), 'label' and 'id_hash' (if present)}.
+
+    Valid rows only, in the order the hosts read them: that order depends on the number of
+    processes, so a metric that depends on order sorts by `id_hash` first.
+    """
+    outs: Dict[str, List[np.ndarray]] = {"zimg": [], "ztxt": [], "texts": [], "label": [],
+                                         "id_hash": []}
     masks = []
     for batch in self.data.batches(self.config):
       masks.append(gather_hosts(batch["mask"]))
@@ -94,6 +105,7 @@ class DatasetEmbedder:
         outs["ztxt"].append(np.asarray(self._embed_texts(
             params, to_global(batch["texts"], self.mesh, self.rules))))
         outs["texts"].append(gather_hosts(batch["texts"]))
-      if "label" in batch:
-        outs["label"].append(gather_hosts(batch["label"]))
+      for key in ("label", "id_hash"):
+        if key in batch:
+          outs[key].append(gather_hosts(batch[key]))
     return {k: gather_valid(v, masks) for k, v in outs.items() if v}

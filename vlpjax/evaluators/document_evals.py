@@ -14,12 +14,14 @@ targets' boxes. Taking the mean from the evaluated targets themselves favours th
 (it is the best constant box in the L2 sense for exactly these boxes).
 
 "document_qa" (`documents_qa`-style: the answer is the target): the detokenized prediction
-against the detokenized target, `exact_match` and `anls` (`layout_metrics.qa_scores`), and
-the most-frequent-answer baseline `baseline_exact_match` / `baseline_anls`: the most
-frequent (normalised) answer among the first `baseline_examples` (default 2000) examples of
-`baseline_split` (default "train"), read like the evaluated split. The baseline's ANLS
-scores the answer's most frequent written form (ANLS sees case and punctuation). The
-training answers are read once, on the first run.
+against the detokenized target, `exact_match`, `anls` and `vqa_accuracy`
+(`qa_metrics.qa_scores`; with one answer per question VQA accuracy is the exact match after
+VQA's answer normalisation), and the most-frequent-answer baseline `baseline_exact_match` /
+`baseline_anls` / `baseline_vqa_accuracy`: the most frequent (normalised) answer among the
+first `baseline_examples` (default 2000) examples of `baseline_split` (default "train"), read
+like the evaluated split. The baseline's ANLS and VQA accuracy score the answer's most
+frequent written form (ANLS sees case and punctuation). The training answers are read once,
+on the first run.
 """
 import collections
 from typing import Dict, List, Optional
@@ -30,6 +32,7 @@ import numpy as np
 from vlpjax.evaluators import EVALUATORS
 from vlpjax.evaluators import generation
 from vlpjax.evaluators import layout_metrics
+from vlpjax.evaluators import qa_metrics
 
 
 @EVALUATORS.register("document_layout")
@@ -58,7 +61,7 @@ class DocumentLayout(generation.GenerationEvaluator):
 
 @EVALUATORS.register("document_qa")
 class DocumentQA(generation.GenerationEvaluator):
-  """Exact match and ANLS of generated answers, and the most-frequent-answer baseline."""
+  """Exact match, ANLS, VQA accuracy of generated answers; the most-frequent-answer baseline."""
 
   extra_keys = ("baseline_split", "baseline_examples")
 
@@ -86,13 +89,13 @@ class DocumentQA(generation.GenerationEvaluator):
     del examples
     preds = [self.detokenize(p) for p in predictions]
     answers = [self.detokenize(t) for t in targets]
-    metrics = layout_metrics.qa_scores(preds, answers)
+    metrics = qa_metrics.qa_scores(preds, answers)
     train = self.baseline_answers()
-    answer, baseline_em = layout_metrics.most_frequent_answer_baseline(train, answers)
+    answer, baseline_em = qa_metrics.most_frequent_answer_baseline(train, answers)
     written = most_frequent_form(train, answer)
-    metrics.update(baseline_exact_match=baseline_em,
-                   baseline_anls=layout_metrics.qa_scores([written] * len(answers),
-                                                          answers)["anls"])
+    baseline = qa_metrics.qa_scores([written] * len(answers), answers)
+    metrics.update(baseline_exact_match=baseline_em, baseline_anls=baseline["anls"],
+                   baseline_vqa_accuracy=baseline["vqa_accuracy"])
     if jax.process_index() == 0:
       print(f"  {self.name} baseline answer: {written!r}", flush=True)
     return metrics
@@ -102,7 +105,7 @@ def most_frequent_form(answers: List[str], normalized: str) -> str:
   """The most frequent of `answers` whose `normalize_answer` is `normalized` (ties: the
   alphabetically first); `normalized` itself when none is."""
   forms = collections.Counter(a for a in answers
-                              if layout_metrics.normalize_answer(a) == normalized)
+                              if qa_metrics.normalize_answer(a) == normalized)
   if not forms:
     return normalized
   return min(forms, key=lambda a: (-forms[a], a))

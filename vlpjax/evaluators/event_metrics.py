@@ -28,12 +28,18 @@ Dense captioning follows the ActivityNet Captions evaluator (Krishna et al. 2017
   The per-threshold f1@t is likewise the harmonic mean of the video-averaged P@t and R@t.
 * Captions, per threshold t: every (prediction, reference) pair of a video with tIoU > t is
   one scored item, the prediction's caption against that reference's; a prediction with no
-  such reference is one item against a reference that shares no word with anything (the
-  script draws a random string; the score is 0 either way). CIDEr-D
-  (`caption_metrics.cider_d`) is computed per video with that video's items as the corpus
-  (the idf comes from them: a video with a single item scores 0, the script's quirk), a video
-  without predictions scores 0, and the score is the mean over videos with references; "cider"
-  is the mean over thresholds. METEOR, the script's headline, needs Java and is not here.
+  such reference is one item against a one-word reference that matches nothing (the script
+  draws a random word of 10-20 letters; any such word gives the same scores, its length of
+  one word included). CIDEr-D (`caption_metrics.cider_d`) is computed per video with that
+  video's items as the corpus (the idf comes from them: a video with a single item scores 0,
+  the script's quirk), a video without predictions scores 0, and the score is the mean over
+  videos with references; "cider" is the mean over thresholds.
+* METEOR, the script's headline (`meteor=True`; it needs Java, see `java_metrics`), the same
+  way: per video and threshold the video's items are one METEOR corpus, scored as the jar
+  scores a corpus (match statistics summed over the items, then one score: what the
+  script's per-video `compute_score` returns), a video without predictions scores 0, and
+  "meteor@t" is the mean over videos, "meteor" the mean over thresholds. The items of all
+  videos and thresholds go through one Java process (one per video would take hours).
 
 Moment retrieval (Charades-STA, QVHighlights, ... as in Moment-DETR's evaluation): each query
 has one ground-truth window and one top-1 prediction; R1@u is the fraction of queries whose
@@ -45,15 +51,20 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from vlpjax.evaluators import caption_metrics
+from vlpjax.evaluators import java_metrics
 
 THRESHOLDS = (0.3, 0.5, 0.7, 0.9)     # ActivityNet Captions / YouCook2 / ViTT.
 GROUNDING_IOUS = (0.5, 0.7)           # Charades-STA / QVHighlights R1@IoU.
 Segment = Tuple[float, float]
 Event = Tuple[float, float, str]
+CaptionItems = Tuple[Dict[int, str], Dict[int, List[str]]]        # (candidates, references)
+Video = Tuple[np.ndarray, List[str], List[str]]   # (tIoU [P, G], predicted, reference captions)
 
-# The reference given to a caption that matched no reference: one token that captions do not
-# contain, so it shares no n-gram with the prediction (the script uses a random string).
-_NO_MATCH = "\x00no-matching-reference"
+# The reference given to a caption that matched no reference: one word that captions do not
+# contain (the script draws a random one). Letters only: METEOR splits words at punctuation
+# and matches stems and paraphrases, so a sentinel such as "no-matching-reference" would
+# match the words "no", "matching" and "reference" of a prediction.
+_NO_MATCH = "qxzjvnomatchvjzxq"
 
 
 # -- input checks ----------------------------------------------------------------------------
@@ -178,9 +189,9 @@ def localisation_scores(predictions: Sequence[Sequence[Segment]],
 
 # -- dense captioning: captions --------------------------------------------------------------
 
-def _video_cider(iou: np.ndarray, pred_captions: List[str], ref_captions: List[str],
-                 threshold: float) -> float:
-  """CIDEr-D of one video's caption items at one threshold (module docstring)."""
+def _caption_items(iou: np.ndarray, pred_captions: List[str], ref_captions: List[str],
+                   threshold: float) -> CaptionItems:
+  """One video's caption items at one threshold (module docstring)."""
   candidates, references = {}, {}
   for p, caption in enumerate(pred_captions):
     matches = np.flatnonzero(iou[p] > threshold)
@@ -190,28 +201,52 @@ def _video_cider(iou: np.ndarray, pred_captions: List[str], ref_captions: List[s
     if not len(matches):
       candidates[len(candidates)] = caption
       references[len(references)] = [_NO_MATCH]
+  return candidates, references
+
+
+def _video_cider(iou: np.ndarray, pred_captions: List[str], ref_captions: List[str],
+                 threshold: float) -> float:
+  """CIDEr-D of one video's caption items at one threshold (module docstring)."""
+  candidates, references = _caption_items(iou, pred_captions, ref_captions, threshold)
   if not candidates:
     return 0.0
   return caption_metrics.cider_d(candidates, references)[0]
 
 
+def _meteor_per_threshold(videos: Sequence[Video], thresholds: Sequence[float]
+                          ) -> Dict[float, float]:
+  """{t: mean over videos of the video's METEOR at t}, all through one Java process."""
+  items = {(t, v): _caption_items(*video, t)
+           for t in thresholds for v, video in enumerate(videos)}
+  scored = [key for key, (candidates, _) in items.items() if candidates]
+  results = java_metrics.meteor_corpora([items[key] for key in scored])
+  per_video = {key: corpus_score for key, (corpus_score, _) in zip(scored, results)}
+  return {t: float(np.mean([per_video.get((t, v), 0.0) for v in range(len(videos))]))
+          for t in thresholds}
+
+
 def dense_caption_scores(pred_events: Sequence[Sequence[Event]],
                          ref_events: Sequence[Sequence[Event]],
-                         thresholds: Sequence[float] = THRESHOLDS) -> Dict[str, float]:
-  """ActivityNet dense-captioning scores: localisation and CIDEr-D (module docstring).
+                         thresholds: Sequence[float] = THRESHOLDS,
+                         meteor: bool = False) -> Dict[str, float]:
+  """ActivityNet dense-captioning scores: localisation, CIDEr-D, METEOR (module docstring).
 
   Args:
     pred_events: per video, the predicted (start, end, caption) events, e.g.
       `video_targets.parse_events` of the model's output.
     ref_events: per video (same order), the reference events.
     thresholds: tIoU thresholds, as for `localisation_scores`.
+    meteor: also score METEOR (needs Java: `java_metrics.java_available()`; a RuntimeError
+      says what is missing otherwise).
 
   Returns:
     `localisation_scores` of the segments, plus "cider@t" per threshold and "cider", their
-    mean.
+    mean, and with `meteor` likewise "meteor@t" and "meteor".
   """
   thresholds = _check_thresholds(thresholds)
   _check_videos(pred_events, ref_events)
+  if meteor:
+    java_metrics.require_meteor()  # Before any work, even where no video has an item.
   videos = []
   for i, (preds, refs) in enumerate(zip(pred_events, ref_events)):
     if not len(refs):
@@ -223,6 +258,10 @@ def dense_caption_scores(pred_events: Sequence[Sequence[Event]],
   for t in thresholds:
     scores[f"cider@{t}"] = float(np.mean([_video_cider(*video, t) for video in videos]))
   scores["cider"] = float(np.mean([scores[f"cider@{t}"] for t in thresholds]))
+  if meteor:
+    per_threshold = _meteor_per_threshold(videos, thresholds)
+    scores.update({f"meteor@{t}": per_threshold[t] for t in thresholds})
+    scores["meteor"] = float(np.mean(list(per_threshold.values())))
   return scores
 
 

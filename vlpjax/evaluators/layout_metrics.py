@@ -1,4 +1,4 @@
-"""Metrics for document models: boxes, sentinel-keyed outputs and question answering.
+"""Metrics for document models: boxes and sentinel-keyed outputs (QA: `qa_metrics`).
 
 Pure numpy and Python (a vocabulary is loaded only to decode token ids), deterministic.
 
@@ -14,15 +14,8 @@ text-layout reconstruction `<extra_id_0> total 42<loc_50>...`, visual text recog
 `<extra_id_0> total 42<extra_id_1> 12/03/24`. `parse_sentinel_boxes` and
 `parse_sentinel_texts` read targets and model outputs alike into {sentinel index: value}, so
 the k-th masked group of a prediction is compared with the k-th of its reference.
-
-Question answering follows DocVQA (Biten et al. 2019, Mathew et al. 2021): ANLS, the average
-normalised Levenshtein similarity, max over the accepted answers and cut to 0 below the
-threshold; exact match after `normalize_answer` (SQuAD-style, without article removal).
 """
-import collections
 import dataclasses
-import string
-import unicodedata
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -206,104 +199,3 @@ def parse_sentinel_texts(text_or_ids: TextOrIds, vocabulary=None,
       pieces.append(piece)
     texts[index] = " ".join("".join(pieces).split())
   return texts
-
-
-# -- question answering ----------------------------------------------------------------------
-
-_ASCII_PUNCTUATION = frozenset(string.punctuation)
-
-
-def normalize_answer(answer: str) -> str:
-  """Lower case, punctuation deleted, whitespace collapsed to single spaces and stripped.
-
-  Punctuation is every ASCII `string.punctuation` character and every Unicode punctuation
-  character (category P*); it is deleted, not replaced by a space, as in the SQuAD evaluator
-  ("12/03/24" -> "120324", "U.S." -> "us"). Articles are kept (documents have no reason to
-  drop "the" from "the total").
-  """
-  if not isinstance(answer, str):
-    raise ValueError(f"an answer must be a str, got {type(answer).__name__}: {answer!r}.")
-  kept = "".join(c for c in answer.lower()
-                 if c not in _ASCII_PUNCTUATION and not unicodedata.category(c).startswith("P"))
-  return " ".join(kept.split())
-
-
-def _check_answers(answers: Sequence[str]) -> List[str]:
-  if isinstance(answers, str):
-    answers = [answers]
-  answers = list(answers)
-  if not answers:
-    raise ValueError("need at least one accepted answer, got none.")
-  for a in answers:
-    if not isinstance(a, str):
-      raise ValueError(f"an answer must be a str, got {type(a).__name__}: {a!r}.")
-  return answers
-
-
-def exact_match(pred: str, answers: Union[str, Sequence[str]]) -> float:
-  """1.0 if `normalize_answer(pred)` equals that of some accepted answer, else 0.0."""
-  pred = normalize_answer(pred)
-  return float(any(pred == normalize_answer(a) for a in _check_answers(answers)))
-
-
-def levenshtein(a: str, b: str) -> int:
-  """Edit distance: the fewest insertions, deletions and substitutions of characters."""
-  if len(a) < len(b):
-    a, b = b, a
-  # row[j] = distance(a[:i], b[:j]) for the current i (dynamic programming, one row at a time).
-  row = list(range(len(b) + 1))
-  for i, x in enumerate(a, start=1):
-    diagonal, row[0] = row[0], i
-    for j, y in enumerate(b, start=1):
-      diagonal, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, diagonal + (x != y))
-  return row[-1]
-
-
-def anls(pred: str, answers: Union[str, Sequence[str]], threshold: float = 0.5) -> float:
-  """DocVQA's ANLS of one question: max over answers of the thresholded similarity.
-
-  For prediction p and answer a, both lower-cased with whitespace collapsed and stripped
-  (DocVQA's evaluation; punctuation counts), NL = levenshtein(p, a) / max(|p|, |a|) (0 when
-  both are empty) and the similarity is 1 - NL when NL < threshold, else 0. The dataset
-  score is the mean over questions (`qa_scores`).
-  """
-  if not 0 <= threshold <= 1:
-    raise ValueError(f"threshold must be in [0, 1], got {threshold!r}.")
-  if not isinstance(pred, str):
-    raise ValueError(f"a prediction must be a str, got {type(pred).__name__}: {pred!r}.")
-
-  def norm(s):
-    return " ".join(s.lower().split())
-
-  pred, best = norm(pred), 0.0
-  for answer in map(norm, _check_answers(answers)):
-    length = max(len(pred), len(answer))
-    distance = levenshtein(pred, answer) / length if length else 0.0
-    if distance < threshold:
-      best = max(best, 1.0 - distance)
-  return best
-
-
-def qa_scores(preds: Sequence[str], answers: Sequence[Union[str, Sequence[str]]],
-              threshold: float = 0.5) -> Dict[str, float]:
-  """{"exact_match", "anls"}: means over questions; answers[i] accepted for preds[i]."""
-  if len(preds) != len(answers) or not preds:
-    raise ValueError(f"need one prediction per question and at least one question, got "
-                     f"{len(preds)} predictions for {len(answers)} questions.")
-  return {"exact_match": float(np.mean([exact_match(p, a) for p, a in zip(preds, answers)])),
-          "anls": float(np.mean([anls(p, a, threshold) for p, a in zip(preds, answers)]))}
-
-
-def most_frequent_answer_baseline(train_answers: Sequence[str],
-                                  eval_answers: Sequence[Union[str, Sequence[str]]]
-                                  ) -> Tuple[str, float]:
-  """(the most frequent normalised training answer, its mean exact match on `eval_answers`).
-
-  The chance level of a QA model that ignores page and question. Answers are counted after
-  `normalize_answer`; a tie goes to the alphabetically first.
-  """
-  counts = collections.Counter(normalize_answer(a) for a in _check_answers(train_answers))
-  answer = min(counts, key=lambda a: (-counts[a], a))
-  if not eval_answers:
-    raise ValueError("eval_answers has no question.")
-  return answer, float(np.mean([exact_match(answer, a) for a in eval_answers]))

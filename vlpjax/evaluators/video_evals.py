@@ -7,22 +7,26 @@ the clip: a `<time_k>` token is k / (num_bins - 1) (tIoU does not depend on the 
 "dense_captioning" (Vid2Seq, `videos_dense_captions`-style targets):
   events of the prediction and of the targets by `video_targets.parse_events`; returns
   `event_metrics.dense_caption_scores` (precision / recall / f1 per tIoU threshold and their
-  means, cider@t and cider), `num_events_pred` / `num_events_ref` (means per video), and the
-  fixed-segments baseline `baseline_f1@0.5`, `baseline_f1`, `baseline_k` of
+  means, cider@t and cider, and meteor@t and meteor when `java_metrics` says so),
+  `num_events_pred` / `num_events_ref` (means per video), and the fixed-segments baseline
+  `baseline_f1@0.5`, `baseline_f1`, `baseline_k` of
   `event_metrics.best_fixed_segments_baseline` over the same references. The baseline picks
   its number of segments k on the evaluated set itself, which favours it: it is an upper
   bound of what "k equal segments" achieves on unseen data.
 
 "temporal_grounding" (moment retrieval, `videos_grounding`-style targets `<time_s><time_e>`):
-  mode "generate" (default): the generated window (`video_targets.parse_moment`); a prediction without
-  one scores tIoU 0 and is counted in `num_invalid`. mode "head": the family's grounding head,
-  `family.ground(params, prompts) -> float32 [B, 2]` relative windows (non-finite windows
-  score 0 and are counted in `num_invalid`). Returns `event_metrics.grounding_scores`
-  (r1@0.5, r1@0.7, miou) and the chance level of random windows `random_r1@0.5`,
-  `random_r1@0.7`, `random_miou` (`event_metrics.random_window_baseline`).
+  mode "generate" (default): the generated window (`video_targets.parse_moment`); a
+  prediction without one scores tIoU 0 and is counted in `num_invalid`. mode "head": the
+  family's grounding head, `family.ground(params, prompts) -> float32 [B, 2]` relative
+  windows (non-finite windows score 0 and are counted in `num_invalid`). Returns
+  `event_metrics.grounding_scores` (r1@0.5, r1@0.7, miou) and the chance level of random
+  windows `random_r1@0.5`, `random_r1@0.7`, `random_miou`
+  (`event_metrics.random_window_baseline`).
 
-Extra config keys: `num_bins` (both; the task's time bins, default the vocabulary's) and
-`mode` (grounding).
+Extra config keys: `num_bins` (both; the task's time bins, default the vocabulary's),
+`java_metrics` (dense captioning: METEOR, which needs Java; "auto" (default) where
+`java_metrics.java_available()`, True to require it (an error at construction names what
+is missing), False never) and `mode` (grounding).
 """
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -32,6 +36,7 @@ from vlpjax.data.kinds import video_targets
 from vlpjax.evaluators import EVALUATORS
 from vlpjax.evaluators import event_metrics
 from vlpjax.evaluators import generation
+from vlpjax.evaluators import java_metrics
 
 GROUNDING_MODES = ("generate", "head")
 
@@ -54,9 +59,11 @@ def _example_id(example: Dict[str, Any]) -> str:
 class DenseCaptioning(generation.GenerationEvaluator):
   """ActivityNet-style dense captioning scores of generated events, and a fixed baseline."""
 
-  extra_keys = ("num_bins",)
+  extra_keys = ("num_bins", "java_metrics")
 
   def __init__(self, name, cfg: Dict, *, config, family, mesh):
+    self.meteor = java_metrics.resolve_java_metrics(cfg.get("java_metrics", "auto"),
+                                                    f"evals.{name}.java_metrics")
     super().__init__(name, cfg, config=config, family=family, mesh=mesh)
     self.num_bins = _num_bins(self.vocab, cfg.get("num_bins"))
 
@@ -70,7 +77,7 @@ class DenseCaptioning(generation.GenerationEvaluator):
     if not any(ref_events):
       raise ValueError(f"evals.{self.name}: no reference of task {self.task!r} has an "
                        "event (dense captioning targets are <time><time> caption ...).")
-    metrics = event_metrics.dense_caption_scores(pred_events, ref_events)
+    metrics = event_metrics.dense_caption_scores(pred_events, ref_events, meteor=self.meteor)
     k, baseline = event_metrics.best_fixed_segments_baseline(
         [[event[:2] for event in events] for events in ref_events])
     metrics.update({"baseline_f1@0.5": baseline["f1@0.5"], "baseline_f1": baseline["f1"],

@@ -36,14 +36,15 @@ def partitioned(init, names):
   return nn.with_logical_partitioning(init, names)
 
 
-def projection(features: int, name: str, dtype, param_dtype) -> nn.Dense:
+def projection(features: int, name: str, dtype, param_dtype, use_bias: bool = True
+               ) -> nn.Dense:
   """Linear head from model width to an output embedding (`proj`) dim.
 
   Not zero-initialised (big_vision's classifier default): a zero embedding has no direction
-  for the contrastive loss's L2 norm.
+  for the contrastive loss's L2 norm. `use_bias=False` is CLIP's (its projections have none).
   """
   return nn.Dense(
-      features, dtype=dtype, param_dtype=param_dtype,
+      features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
       kernel_init=partitioned(nn.initializers.lecun_normal(), ("embed", "proj")),
       bias_init=partitioned(nn.initializers.zeros_init(), ("proj",)),
       name=name)

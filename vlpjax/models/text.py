@@ -24,6 +24,11 @@ class TextEncoder(nn.Module):
   Pooling: 'last' (position -1, HF SigLIP), 'first', 'gap' (mean over
   positions) or 'eos' (first position holding `eos_id`, the last one if none).
   `out_dim=None` leaves out the linear `head`. `aux` holds `tokens` and `pooled`.
+
+  CLIP options (off by default): `causal=True` lets each position attend only to itself and
+  earlier ones (CLIP's text transformer; with 'eos' pooling the EOS token then summarises the
+  text before it, and padding after it changes nothing); `head_bias=False` drops the bias of
+  `head` (CLIP's `text_projection`).
   """
   variant: Optional[str] = None
   vocab_size: int = 32_000
@@ -38,6 +43,8 @@ class TextEncoder(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   remat_policy: str = "none"
+  causal: bool = False
+  head_bias: bool = True
 
   @property
   def dims(self) -> Dict[str, int]:
@@ -68,9 +75,11 @@ class TextEncoder(nn.Module):
     x = x + pos[None, :length].astype(self.dtype)
     x = layers.constrain(x, layers.ACT_TOKENS)
 
+    # [1, 1, L, L], True where query position q may see key position k <= q.
+    mask = jnp.tril(jnp.ones((length, length), bool))[None, None] if self.causal else None
     tokens = layers.Encoder(
         dims["depth"], dims["mlp_dim"], dims["num_heads"], self.dtype,
-        self.param_dtype, self.remat_policy, name="encoder")(x)
+        self.param_dtype, self.remat_policy, name="encoder")(x, mask)
 
     if self.pool_type == "last":
       pooled = tokens[:, -1]
@@ -87,5 +96,6 @@ class TextEncoder(nn.Module):
 
     out = pooled
     if self.out_dim is not None:
-      out = layers.projection(self.out_dim, "head", self.dtype, self.param_dtype)(pooled)
+      out = layers.projection(self.out_dim, "head", self.dtype, self.param_dtype,
+                              use_bias=self.head_bias)(pooled)
     return out, aux

@@ -108,6 +108,10 @@ class ViT(nn.Module):
   kept. The point is compute: at 0.5 the encoder runs on half the tokens (attention on a
   quarter of the pairs), so the image tower costs about half as much per example.
   `train=False` (evaluation, the default) always sees every patch.
+
+  CLIP options (off by default, so SigLIP-style trees are unchanged): `pre_norm` adds a
+  LayerNorm `pre_layernorm` on the tokens (class token included) before the encoder, CLIP's
+  `pre_layrnorm`; `proj_bias=False` drops the bias of `proj` (CLIP's `visual_projection`).
   """
   variant: Optional[str] = None
   width: Optional[int] = None
@@ -122,6 +126,8 @@ class ViT(nn.Module):
   param_dtype: Any = jnp.float32
   remat_policy: str = "none"
   patch_dropout: float = 0.0
+  pre_norm: bool = False
+  proj_bias: bool = True
 
   @property
   def dims(self) -> Dict[str, int]:
@@ -173,6 +179,8 @@ class ViT(nn.Module):
                        (1, 1, width), self.param_dtype)
       x = jnp.concatenate(
           [jnp.broadcast_to(cls.astype(self.dtype), (batch, 1, width)), x], axis=1)
+    if self.pre_norm:
+      x = layers.layer_norm("pre_layernorm", self.param_dtype)(x).astype(self.dtype)
     x = layers.constrain(x, layers.ACT_TOKENS)
 
     tokens = layers.Encoder(
@@ -196,5 +204,5 @@ class ViT(nn.Module):
     out = pooled
     if self.head_dim_out is not None:
       out = layers.projection(self.head_dim_out, "proj", self.dtype,
-                              self.param_dtype)(pooled)
+                              self.param_dtype, use_bias=self.proj_bias)(pooled)
     return out, aux
