@@ -281,6 +281,19 @@ def test_export_errors(siglip_workdir, clip_workdir, tmp_path):
     export_checkpoint.export(str(coca), str(tmp_path / "e"), "hf_clip")
 
 
+def test_command_lines_report_errors_without_a_traceback(siglip_workdir, tmp_path, capsys):
+  workdir, _ = siglip_workdir
+  # "hf-clip" is accepted for hf_clip; a SigLIP-shaped run cannot become CLIP.
+  assert export_checkpoint.main(["--workdir", workdir, "--format", "hf-clip",
+                                 "--out", str(tmp_path / "a")]) == 1
+  assert "Error: config.model.image.pool_type='map' cannot be exported" in capsys.readouterr().err
+  other = tmp_path / "bert"
+  other.mkdir()
+  (other / "config.json").write_text(json.dumps({"model_type": "bert"}))
+  assert import_checkpoint.main(["--hf", str(other), "--out", str(tmp_path / "b")]) == 1
+  assert "model_type 'bert'" in capsys.readouterr().err
+
+
 # -- orbax / safetensors ---------------------------------------------------------------------
 
 def test_orbax_and_safetensors_exports_read_back_equal(siglip_workdir, tmp_path):

@@ -190,11 +190,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--workdir", required=True, help="a vlpjax.train workdir")
   parser.add_argument("--step", type=int, default=None, help="default: the latest")
-  parser.add_argument("--format", required=True, choices=FORMATS)
+  # hf-siglip and hf_siglip both work (dashes are how many CLIs spell it).
+  parser.add_argument("--format", required=True, choices=FORMATS,
+                      type=lambda name: name.replace("-", "_"))
   parser.add_argument("--out", required=True, help="output directory (local)")
   parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
   args = parser.parse_args(argv)
-  export(args.workdir, args.out, args.format, step=args.step, dtype=args.dtype)
+  try:
+    export(args.workdir, args.out, args.format, step=args.step, dtype=args.dtype)
+  except ValueError as e:  # ConfigError included: what cannot be exported, and why.
+    print(f"Error: {e}", file=sys.stderr)
+    return 1
   return 0
 
 

@@ -91,7 +91,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   parser.add_argument("--image_size", type=int, default=None,
                       help="train at this resolution (default: the checkpoint's)")
   args = parser.parse_args(argv)
-  import_hf(args.hf, args.out, image_size=args.image_size)
+  try:
+    import_hf(args.hf, args.out, image_size=args.image_size)
+  except ValueError as e:  # An unsupported or malformed HF checkpoint: say what and where.
+    print(f"Error: {e}", file=sys.stderr)
+    return 1
   return 0
 
 

@@ -189,9 +189,10 @@ def _panel_order(key: str) -> Tuple[int, bool, str]:
 
 def default_metrics(keys: Sequence[str]) -> List[str]:
   """Train losses, eval metrics and the learning rate, in `_panel_order`."""
-  # Counts (num_examples, num_tokens) say how an eval ran, not how well the model does.
+  # Counts (num_examples, num_tokens) say how an eval ran, not how well the model does, and
+  # chance levels are constants: neither is worth a panel of its own (--metrics still can).
   chosen = [k for k in set(keys) if _is_train_loss(k) or is_learning_rate(k)
-            or (is_eval(k) and not _name(k).startswith("num_"))]
+            or (is_eval(k) and not _name(k).startswith(("num_", "chance")))]
   return sorted(chosen, key=_panel_order)
 
 
