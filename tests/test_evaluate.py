@@ -170,3 +170,16 @@ def test_two_process_eval_equals_one_process(trained, tmp_path):
   for name in ("zeroshot", "retrieval", "binary_choice"):
     assert saved[name] == pytest.approx(result[name], abs=1e-6), name
   assert saved["zeroshot"]["num_examples"] == result["zeroshot"]["num_examples"]
+
+
+def test_eval_only_leaves_a_running_trainers_inflight_save_alone(trained):
+  """Evaluating a workdir whose run is still training must not clean up its temporary save."""
+  workdir, _ = trained
+  inflight = os.path.join(workdir, "checkpoints", "6.orbax-checkpoint-tmp-1234567")
+  os.makedirs(os.path.join(inflight, "state"))
+  try:
+    assert evaluate.main(["--workdir", workdir, "--step", "4", "--evals", "zeroshot"]) == 0
+    assert os.path.isdir(os.path.join(inflight, "state"))
+  finally:
+    import shutil  # pylint: disable=g-import-not-at-top
+    shutil.rmtree(inflight)

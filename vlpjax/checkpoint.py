@@ -17,17 +17,23 @@ import orbax.checkpoint as ocp
 class Checkpointer:
   """Async periodic saves, `max_to_keep`, restore onto whatever mesh the caller has."""
 
-  def __init__(self, directory: str, *, every_steps: int, max_to_keep: int,
-               async_save: bool = True):
+  def __init__(self, directory: str, *, every_steps: int = 0, max_to_keep: Optional[int] = None,
+               async_save: bool = True, read_only: bool = False):
     self.directory = directory
     self.every_steps = every_steps
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep,
-        enable_async_checkpointing=async_save,
-        # Stale temporary directories from a killed run are removed on start.
-        cleanup_tmp_directories=True,
-        create=True,
-    )
+    if read_only:
+      # Readers (eval-only runs, export, init_from) may look at a run that is still training:
+      # they must neither delete its in-flight temporary save nor rotate its checkpoints.
+      options = ocp.CheckpointManagerOptions(read_only=True, create=False,
+                                             cleanup_tmp_directories=False)
+    else:
+      options = ocp.CheckpointManagerOptions(
+          max_to_keep=max_to_keep,
+          enable_async_checkpointing=async_save,
+          # Stale temporary directories from a killed run are removed on start.
+          cleanup_tmp_directories=True,
+          create=True,
+      )
     self._manager = ocp.CheckpointManager(
         os.path.abspath(directory) if "://" not in directory else directory,
         options=options, item_names=("state", "meta"))
@@ -58,23 +64,30 @@ class Checkpointer:
     logging.info("Restored checkpoint step %d from %s.", step, self.directory)
     return restored.state, dict(restored.meta)
 
-  def restore_params(self, step: int, abstract_params: Any) -> Any:
-    """Only the params of `step` (no optimizer state is read), with `abstract_params`' shardings.
+  def restore_params(self, step: int, abstract_params: Optional[Any] = None) -> Any:
+    """Only the params of `step` (no optimizer state is read).
 
-    Evaluation and export need a third of what a full restore reads (AdamW keeps two moments
-    per param), so a 3B model evaluates on hosts that could not hold its whole train state.
+    Onto `abstract_params`' shardings, or, without a target, as host numpy arrays shaped as
+    stored. Evaluation and export need a third of what a full restore reads (AdamW keeps two
+    moments per param), so a 3B model evaluates on hosts that could not hold its train state.
     """
     if step not in self.all_steps():
       raise ValueError(f"no checkpoint at step {step} in {self.directory} "
-                       f"(have {self.all_steps()}).")
+                       f"(have {sorted(self.all_steps())}).")
     # Read the `state` item directly: the manager's handler for it is the StandardCheckpoint
     # one, which cannot leave out subtrees.
     path = os.path.join(str(self._manager.directory), str(step), "state")
     with ocp.PyTreeCheckpointer() as checkpointer:
+      if abstract_params is None:
+        metadata = checkpointer.metadata(path).item_metadata["params"]
+        abstract_params = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype),
+                                       metadata)
+        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
+                                    abstract_params)
+      else:
+        restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_params)
       restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
-          item={"params": abstract_params},
-          restore_args={"params": ocp.checkpoint_utils.construct_restore_args(
-              abstract_params)},
+          item={"params": abstract_params}, restore_args={"params": restore_args},
           partial_restore=True))
     logging.info("Restored params of checkpoint step %d from %s.", step, self.directory)
     return restored["params"]
@@ -123,25 +136,14 @@ def read_params_from(path: str, step: Optional[int] = None) -> Tuple[Any, str]:
   (params, a description of what was read, for logs).
   """
   if _exists(os.path.join(path, "checkpoints")):
-    directory = os.path.join(path, "checkpoints")
-    manager = ocp.CheckpointManager(os.path.abspath(directory) if "://" not in directory
-                                    else directory)
-    steps = sorted(manager.all_steps())
-    manager.close()
-    chosen = steps[-1] if steps and step is None else step
-    if chosen is None or chosen not in steps:
-      raise ValueError(f"no checkpoint {'at all' if step is None else f'at step {step}'} in "
-                       f"{directory} (have {steps}).")
-    state_dir = os.path.join(directory, str(chosen), "state")
-    with ocp.PyTreeCheckpointer() as checkpointer:
-      metadata = checkpointer.metadata(state_dir).item_metadata["params"]
-      abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), metadata)
-      restored = checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(
-          item={"params": abstract},
-          restore_args={"params": jax.tree.map(
-              lambda _: ocp.RestoreArgs(restore_type=np.ndarray), abstract)},
-          partial_restore=True))
-    return restored["params"], f"{path} step {chosen}"
+    ckpt = Checkpointer(os.path.join(path, "checkpoints"), read_only=True)
+    try:
+      chosen = ckpt.latest_step() if step is None else step
+      if chosen is None:
+        raise ValueError(f"no checkpoint at all in {ckpt.directory}.")
+      return ckpt.restore_params(chosen), f"{path} step {chosen}"
+    finally:
+      ckpt.close()
   if step is not None:
     raise ValueError(f"{path} is a params directory, not a workdir: it has no steps.")
   return load_params(path), path

@@ -68,7 +68,7 @@ def evaluate(workdir: str, config, steps: Optional[List[int]] = None, all_steps:
   evaluators = build_evaluators(config, setup.family, setup.mesh, names)
   if not evaluators:
     raise config_lib.ConfigError("config.evals is empty: nothing to evaluate.")
-  ckpt = workdir_lib.checkpointer(workdir, config)
+  ckpt = workdir_lib.checkpointer(workdir)
   try:
     if all_steps:
       steps = sorted(ckpt.all_steps())

@@ -31,11 +31,10 @@ def read_config(workdir: str, overrides=()) -> config_lib.ConfigDict:
     return config_lib.finalize(config_lib.ConfigDict(json.load(f)), overrides)
 
 
-def checkpointer(workdir: str, config):
-  """The run's Checkpointer (never deletes: max_to_keep only acts when saving)."""
+def checkpointer(workdir: str):
+  """The run's checkpoints, read-only: safe while the run is still training."""
   from vlpjax import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
-  return checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                     **config.checkpoint.to_dict())
+  return checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)
 
 
 def resolve_step(ckpt, step: Optional[int], workdir: str) -> int:
@@ -50,7 +49,7 @@ def resolve_step(ckpt, step: Optional[int], workdir: str) -> int:
 
 def restore_params(workdir: str, setup, step: Optional[int] = None) -> Tuple[Any, int]:
   """(params of checkpoint `step` (default: latest) on `setup`'s shardings, the step)."""
-  ckpt = checkpointer(workdir, setup.config)
+  ckpt = checkpointer(workdir)
   try:
     step = resolve_step(ckpt, step, workdir)
     target = abstract_params(setup)
