@@ -5,6 +5,9 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat setup.py constraints.txt | cksum | cut -d' ' -f1)
 WORKDIR ?= workdirs/siglip_shapes
 export TF_CPP_MIN_LOG_LEVEL ?= 2
+# The demo and the tests run on CPU. libtpu (installed for the TPU compile tests) would
+# otherwise probe for a TPU at start-up and log warnings; `make demo JAX_PLATFORMS=` lifts it.
+export JAX_PLATFORMS ?= cpu
 
 .PHONY: demo test test-all install clean-demo
 

@@ -2,6 +2,9 @@
 import setuptools
 
 EVAL = ["pycocoevalcap==1.2", "matplotlib"]
+# libtpu at the version this jax wants (jax[tpu] pins it): runs on TPU VMs, and compiles for
+# TPU topologies ahead of time on any machine (tools/aot_compile.py).
+TPU = ["jax[tpu]>=0.10,<0.11"]
 
 setuptools.setup(
     name="vlpjax",
@@ -35,10 +38,11 @@ setuptools.setup(
         "eval": EVAL,
         # pycocoevalcap is also the reference our caption metrics are tested against;
         # transformers (with a CPU torch) checks the Hugging Face export and import.
-        "test": ["pytest", "torch==2.13.0", "transformers", "apache-beam[tfrecord]>=2.77"] + EVAL,
+        # libtpu: the tests compile train steps for small TPU topologies ahead of time.
+        "test": ["pytest", "torch==2.13.0", "transformers",
+                 "apache-beam[tfrecord]>=2.77"] + EVAL + TPU,
         # Offline caching of seqio tasks (`python -m vlpjax.data.cache`, docs/data.md).
         "beam": ["apache-beam[tfrecord]>=2.77"],
-        # Ahead-of-time compilation for TPU topologies on a CPU-only machine.
-        "tpu": ["libtpu"],
+        "tpu": TPU,
     },
 )

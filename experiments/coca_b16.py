@@ -9,7 +9,8 @@ Reads image-caption tf.Examples (schema: docs/data.md) from the TFRecord files n
 multimodal decoder layers of width 768; the captioning decoder cross-attends to 256 pooled
 image queries; softmax contrastive loss + 2 x captioning loss (the paper's weights).
 Same family and trainer as `coca_shapes.py`: only numbers differ. Arguments: `batch=N`,
-`steps=N`, `rules=fsdp|fsdp_tensor|data_parallel`, `tensor=N` (tensor-parallel size),
+`steps=N`, `rules=fsdp|fsdp_tensor|multislice|data_parallel` (layouts of
+`sharding.parallelism`), `slices=N` (multislice), `tensor=N` (tensor-parallel size),
 `files=GLOB`.
 """
 import ml_collections
@@ -19,7 +20,7 @@ from vlpjax import sharding
 
 
 def get_config(arg=None):
-  arg = config_lib.parse_arg(arg, batch=32_768, steps=100_000, rules="fsdp", tensor=1,
+  arg = config_lib.parse_arg(arg, batch=32_768, steps=100_000, rules="fsdp", tensor=1, slices=1,
                              files="gs://YOUR_BUCKET/image_text/train-*.tfrecord")
   c = ml_collections.ConfigDict()
   c.seed = 0
@@ -51,8 +52,8 @@ def get_config(arg=None):
   c.optim = dict(lr=8e-4, b2=0.95, weight_decay=0.01, grad_clip_norm=1.0)
   c.schedule = dict(type="rsqrt", warmup_steps=5_000, timescale=10_000)
 
-  c.mesh = dict(data=1, fsdp=-1, tensor=arg.tensor)
-  c.sharding_rules = sharding.rules_preset(arg.rules)
+  c.mesh, c.sharding_rules = sharding.parallelism(arg.rules, tensor=arg.tensor,
+                                                   slices=arg.slices)
 
   # Captioning, zero-shot and retrieval evals go here, pointing at your own held-out tasks:
   # c.evals.captioning = dict(type="captioning", task=..., split="validation",

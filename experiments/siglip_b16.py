@@ -7,7 +7,8 @@
 Reads image-caption tf.Examples (schema: docs/data.md) from the TFRecord files named in
 `input.files`; the records go through the same decode path as the demo's embedded data. Same
 model family and trainer as `siglip_shapes.py`: only numbers differ. Arguments:
-`batch=N`, `steps=N`, `rules=fsdp|fsdp_tensor|data_parallel`, `tensor=N` (tensor-parallel size).
+`batch=N`, `steps=N`, `rules=fsdp|fsdp_tensor|multislice|data_parallel` (layouts of
+`sharding.parallelism`), `slices=N` (multislice), `tensor=N` (tensor-parallel size).
 """
 import ml_collections
 
@@ -16,7 +17,7 @@ from vlpjax import sharding
 
 
 def get_config(arg=None):
-  arg = config_lib.parse_arg(arg, batch=32_768, steps=100_000, rules="fsdp", tensor=1,
+  arg = config_lib.parse_arg(arg, batch=32_768, steps=100_000, rules="fsdp", tensor=1, slices=1,
                              files="gs://YOUR_BUCKET/image_text/train-*.tfrecord")
   c = ml_collections.ConfigDict()
   c.seed = 0
@@ -44,8 +45,8 @@ def get_config(arg=None):
   c.optim = dict(lr=1e-3, b2=0.95, weight_decay=1e-4, grad_clip_norm=1.0)
   c.schedule = dict(type="rsqrt", warmup_steps=5_000, timescale=10_000)
 
-  c.mesh = dict(data=1, fsdp=-1, tensor=arg.tensor)
-  c.sharding_rules = sharding.rules_preset(arg.rules)
+  c.mesh, c.sharding_rules = sharding.parallelism(arg.rules, tensor=arg.tensor,
+                                                   slices=arg.slices)
 
   # Zero-shot and retrieval evals go here, pointing at your own held-out tasks, e.g.
   # c.evals.retrieval = dict(type="retrieval", task=..., split="validation", every_steps=...)

@@ -48,8 +48,7 @@ def get_config(arg=None):
   c.optim = dict(lr=1e-3, weight_decay=1e-4, grad_clip_norm=1.0)
   c.schedule = dict(type="cosine", warmup_steps=100)
 
-  c.mesh = dict(data=-1, fsdp=1, tensor=1)
-  c.sharding_rules = sharding.rules_preset(arg.rules)
+  c.mesh, c.sharding_rules = sharding.parallelism(arg.rules)
 
   eval_pp = f"resize({arg.size})|value_range(-1, 1)"
   c.evals = dict(

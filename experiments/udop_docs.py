@@ -71,8 +71,7 @@ def get_config(arg=None):
   c.optim = dict(lr=2e-3, weight_decay=1e-4, grad_clip_norm=1.0)
   c.schedule = dict(type="cosine", warmup_steps=100)
 
-  c.mesh = dict(data=-1, fsdp=1, tensor=1)
-  c.sharding_rules = sharding.rules_preset(arg.rules)
+  c.mesh, c.sharding_rules = sharding.parallelism(arg.rules)
 
   pp = 'value_range(-1, 1, key="images")'
   c.evals = dict(

@@ -46,7 +46,7 @@ def register_tasks(arg) -> str:
 
 def get_config(arg=None):
   arg = config_lib.parse_arg(
-      arg, batch=512, steps=100_000, rules="fsdp", tensor=1, spm="",
+      arg, batch=512, steps=100_000, rules="fsdp", tensor=1, slices=1, spm="",
       files="gs://YOUR_BUCKET/docs/train-*.tfrecord",
       qa_files="gs://YOUR_BUCKET/docvqa/train-*.tfrecord")
   c = ml_collections.ConfigDict()
@@ -76,8 +76,8 @@ def get_config(arg=None):
   c.optim = dict(lr=5e-5, b2=0.98, weight_decay=1e-2, grad_clip_norm=1.0)
   c.schedule = dict(type="cosine", warmup_steps=1_000)
 
-  c.mesh = dict(data=1, fsdp=-1, tensor=arg.tensor)
-  c.sharding_rules = sharding.rules_preset(arg.rules)
+  c.mesh, c.sharding_rules = sharding.parallelism(arg.rules, tensor=arg.tensor,
+                                                   slices=arg.slices)
 
   # Held-out evals on your own validation tasks, e.g.
   # c.evals.layout = dict(type="document_layout", task=..., split="validation", ...)

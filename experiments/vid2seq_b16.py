@@ -53,7 +53,7 @@ def register_tasks(arg) -> str:
 
 def get_config(arg=None):
   arg = config_lib.parse_arg(
-      arg, batch=256, steps=200_000, rules="fsdp", tensor=1, arch="encoder_decoder",
+      arg, batch=256, steps=200_000, rules="fsdp", tensor=1, slices=1, arch="encoder_decoder",
       stage="frozen_vit", features=0, spm="",
       dense_files="gs://YOUR_BUCKET/dense/train-*.tfrecord",
       narrated_files="gs://YOUR_BUCKET/narrated/train-*.tfrecord")
@@ -94,8 +94,8 @@ def get_config(arg=None):
                  freeze="" if arg.features else FREEZE_BY_STAGE[arg.stage])
   c.schedule = dict(type="cosine", warmup_steps=1_000)
 
-  c.mesh = dict(data=1, fsdp=-1, tensor=arg.tensor)
-  c.sharding_rules = sharding.rules_preset(arg.rules)
+  c.mesh, c.sharding_rules = sharding.parallelism(arg.rules, tensor=arg.tensor,
+                                                   slices=arg.slices)
 
   # Held-out evals on your own validation tasks, e.g.
   # c.evals.dense = dict(type="dense_captioning", task=..., split="validation", pp=...,

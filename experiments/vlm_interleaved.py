@@ -48,8 +48,7 @@ def get_config(arg=None):
                  freeze=vlm_family.freeze_regex(arg.stage, arg.lora_rank))
   c.schedule = dict(type="cosine", warmup_steps=100)
 
-  c.mesh = dict(data=-1, fsdp=1, tensor=1)
-  c.sharding_rules = sharding.rules_preset(arg.rules)
+  c.mesh, c.sharding_rules = sharding.parallelism(arg.rules)
 
   held_out = dict(type="prefix_lm_loss", every_steps=arg.eval_every,
                   task="stories_interleaved", split="validation", pp=images_pp,

@@ -4,6 +4,8 @@ import os
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# CPU devices only, even with libtpu installed (the TPU compile tests load it themselves).
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # TensorFlow is only the input pipeline's engine: keep it off the accelerators and small.
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 

@@ -144,28 +144,12 @@ def test_init_from_params_dir_and_its_errors(trained, tmp_path):
 def test_two_process_eval_equals_one_process(trained, tmp_path):
   """2 processes x 4 CPU devices (jax.distributed on 127.0.0.1) give the 1 x 8 numbers."""
   import shutil  # pylint: disable=g-import-not-at-top
-  import socket  # pylint: disable=g-import-not-at-top
-  import subprocess  # pylint: disable=g-import-not-at-top
-  import sys  # pylint: disable=g-import-not-at-top
+  from tests import processes  # pylint: disable=g-import-not-at-top
   workdir, result = trained
   copy = str(tmp_path / "run")
   shutil.copytree(workdir, copy)
   os.remove(workdir_lib.eval_results_path(copy, 4))
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env = {**os.environ, "PYTHONPATH": repo,
-         "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
-  procs = [subprocess.Popen(
-      [sys.executable, "-m", "vlpjax.evaluate", "--workdir", copy, "--step", "4",
-       f"--config.distributed.coordinator_address=127.0.0.1:{port}",
-       "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}"],
-      env=env, cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-           for i in range(2)]
-  logs = [p.communicate(timeout=300)[0] for p in procs]
-  for p, log in zip(procs, logs):
-    assert p.returncode == 0, log[-3000:]
+  processes.run_processes(["vlpjax.evaluate", "--workdir", copy, "--step", "4"], timeout=300)
   saved = _read(copy, 4)
   for name in ("zeroshot", "retrieval", "binary_choice"):
     assert saved[name] == pytest.approx(result[name], abs=1e-6), name

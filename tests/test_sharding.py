@@ -24,6 +24,34 @@ def test_mesh_fill_axis_and_errors():
   assert dict(mesh.shape) == dict(data=2, fsdp=2, tensor=2)
 
 
+def test_multislice_mesh_keeps_fsdp_inside_a_slice():
+  # Per-slice sizes; `data` spans the slices.
+  assert sharding.resolve_mesh_shape(dict(slices=2, data=1, fsdp=-1), 8) == dict(
+      data=2, fsdp=4, tensor=1)
+  with pytest.raises(ValueError, match="needs 8 devices per slice but 4 devices per slice"):
+    sharding.resolve_mesh_shape(dict(slices=2, data=1, fsdp=8), 8)
+  with pytest.raises(ValueError, match="slices=3 does not divide the 8 devices"):
+    sharding.resolve_mesh_shape(dict(slices=3, fsdp=-1), 8)
+  devices = jax.devices()
+  mesh = sharding.make_mesh(dict(slices=2, data=1, fsdp=-1, tensor=2), devices)
+  assert dict(mesh.shape) == dict(data=2, fsdp=2, tensor=2)
+  # Slice k (devices 4k..4k+3 on one host) is exactly mesh row data=k.
+  for k in range(2):
+    assert {d.id for d in mesh.devices[k].flat} == {d.id for d in devices[4 * k:4 * k + 4]}
+
+
+def test_parallelism_presets():
+  mesh, rules = sharding.parallelism("multislice", slices=4)
+  assert mesh == dict(slices=4, data=1, fsdp=-1, tensor=1)
+  assert rules == sharding.rules_preset("fsdp")
+  mesh, rules = sharding.parallelism("fsdp", tensor=4)
+  assert mesh["tensor"] == 4 and rules == sharding.rules_preset("fsdp_tensor")
+  with pytest.raises(ValueError, match="Did you mean 'multislice'"):
+    sharding.parallelism("multislise")
+  with pytest.raises(ValueError, match="use 'multislice'"):
+    sharding.parallelism("fsdp", slices=2)
+
+
 def test_rules_preset_typo():
   with pytest.raises(ValueError, match="Did you mean 'fsdp_tensor'"):
     sharding.rules_preset("fsdp_tensr")
@@ -64,3 +92,25 @@ def test_global_batch_is_sharded_over_data_axes():
   assert len(arr.addressable_shards) == 8
   np.testing.assert_array_equal(np.asarray(arr), local["x"])
   assert sharding.batch_axis_size(mesh, rules) == 8
+
+
+def test_rules_table_in_docs_is_the_code():
+  """docs/scaling.md's rules table is RULES_PRESETS, row by row."""
+  import os  # pylint: disable=g-import-not-at-top
+  import re  # pylint: disable=g-import-not-at-top
+  path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "docs", "scaling.md")
+  with open(path) as f:
+    table = re.search(r"<!-- rules-table -->\n(.*?)<!-- /rules-table -->", f.read(), re.S)[1]
+  rows = [line.strip("|").split("|") for line in table.strip().split("\n")[2:]]
+  presets = ["data_parallel", "fsdp", "fsdp_tensor"]
+  documented = {cells[0].strip().strip("`"): [c.strip() for c in cells[1:]] for cells in rows}
+
+  def shown(axes):
+    if axes is None:
+      return "-"
+    return f"({', '.join(axes)})" if isinstance(axes, tuple) else axes
+
+  names = {name for p in presets for name, _ in sharding.RULES_PRESETS[p]}
+  assert set(documented) == names
+  for name, cells in documented.items():
+    assert cells == [shown(dict(sharding.RULES_PRESETS[p]).get(name)) for p in presets], name

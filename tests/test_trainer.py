@@ -81,11 +81,15 @@ def one_device_step():
   return config, batch, one_step(config, batch, devices=jax.devices()[:1])
 
 
-def test_fsdp_tensor_step_on_8_devices_equals_1_device(one_device_step):
+@pytest.mark.parametrize("layout,kwargs", [
+    ("data_parallel", {}), ("fsdp", {}), ("fsdp_tensor", dict(tensor=2)),
+    ("multislice", dict(slices=2)), ("multislice", dict(slices=2, tensor=2))])
+def test_parallelism_presets_on_8_devices_equal_1_device(one_device_step, layout, kwargs):
   config, batch, (params_1, metrics_1) = one_device_step
-  config_8 = make_config(overrides=["optim.eps=1e-6", "mesh.data=2", "mesh.fsdp=2",
-                                    "mesh.tensor=2"])
-  config_8.sharding_rules = sharding.rules_preset("fsdp_tensor")
+  config_8 = make_config(overrides=["optim.eps=1e-6"])
+  mesh, rules = sharding.parallelism(layout, **kwargs)
+  config_8.mesh.update(mesh)
+  config_8.sharding_rules = rules
   params_8, metrics_8 = one_step(config_8, batch)
   assert np.isfinite(metrics_1["loss"])
   np.testing.assert_allclose(metrics_8["loss"], metrics_1["loss"], rtol=1e-6)

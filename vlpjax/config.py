@@ -37,7 +37,9 @@ def defaults() -> ConfigDict:
   c.compute_dtype = "bfloat16"   # activations/matmuls; params and optimizer state stay f32
   c.remat_policy = "none"        # none | full | dots_saveable | dots_with_no_batch_dims_saveable
 
-  c.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  # Axis sizes within a slice (one may be -1); `slices` > 1: data parallel across
+  # TPU slices (docs/scaling.md).
+  c.mesh = ConfigDict(dict(slices=1, data=-1, fsdp=1, tensor=1))
   c.sharding_rules = None        # required: list of (logical name, mesh axes)
   c.distributed = ConfigDict(dict(auto=True, coordinator_address="", num_processes=-1,
                                   process_id=-1))
@@ -67,6 +69,9 @@ def defaults() -> ConfigDict:
       keys=(),                  # features the model reads; () = the data's default
       threads=0,                # tf.data thread pool size; 0 = tf.data's default
       bad_records="error",      # error | skip: stop naming the record, or skip and count
+      # host: each process reads its own seqio shard (scales to pods); global: every process
+      # reads the whole stream and keeps its rows, so batches do not depend on the host count.
+      sharding="host",
       use_cached=False,         # read the tasks' offline Beam cache (docs/data.md)
       cache_dir="",             # where that cache is, if not in seqio's global dirs
       # Packed prefix-LM rows (families with input_format "prefix_lm"; vlpjax/data/packing.py):
@@ -90,7 +95,7 @@ def defaults() -> ConfigDict:
 
 
 # Keys with a closed set of values, checked before any work.
-_CHOICES = {"input.bad_records": ("error", "skip")}
+_CHOICES = {"input.bad_records": ("error", "skip"), "input.sharding": ("host", "global")}
 
 # Sections whose contents are checked by their consumer rather than by `defaults()`.
 _OPEN_SECTIONS = ("model", "evals", "input.files", "input.task_loss_weights", "loss_weights",

@@ -72,8 +72,9 @@ class Progress:
   """Console line per log interval: step, loss, steps/s, examples/s, ETA."""
 
   def __init__(self, total_steps: int, global_batch_size: int, start_step: int,
-               stream=sys.stdout):
+               stream=sys.stdout, quiet: bool = False):
     self.total_steps = total_steps
+    self.quiet = quiet  # Hosts other than the first keep the console to one voice.
     self.batch = global_batch_size
     self.stream = stream
     self._last_step = start_step
@@ -92,6 +93,8 @@ class Progress:
     return {"steps_per_sec": steps_per_s, "examples_per_sec": steps_per_s * self.batch}
 
   def report(self, step: int, scalars: Mapping[str, float], rate: Mapping[str, float]) -> None:
+    if self.quiet:
+      return
     parts = [f"step {step}/{self.total_steps}"]
     for key in ("loss",):
       if key in scalars:

@@ -2,12 +2,20 @@
 
 Model code names its dimensions logically (`embed`, `mlp`, `heads`, `act_batch`, ...). The
 config's `sharding_rules` table maps each logical name to mesh axes; changing parallelism
-(data parallel, FSDP, FSDP + tensor) is a change of that table and of `config.mesh`, never of
-model code.
+(data parallel, FSDP, FSDP + tensor, multi-slice) is a change of that table and of
+`config.mesh`, never of model code. `parallelism(name)` gives both for the named layouts
+(docs/scaling.md has the tables).
+
+Multi-slice (several TPU slices joined by the data-centre network, DCN): `config.mesh.slices`
+= S makes the `data` axis span the slices. DCN is an order of magnitude slower than the links
+inside a slice, so only the data-parallel gradient all-reduce crosses it, once per step; the
+per-layer FSDP all-gathers and tensor-parallel collectives stay inside a slice.
 """
+import collections
 import contextlib
 import math
-from typing import Any, Dict, Iterator, Mapping, Sequence, Tuple
+import os
+from typing import Any, Dict, Iterator, Mapping, Optional, Sequence, Tuple
 
 from absl import logging
 import flax.linen as nn
@@ -19,6 +27,8 @@ import numpy as np
 from vlpjax.registry import unknown_name_message
 
 MESH_AXES = ("data", "fsdp", "tensor")
+# config.mesh keys: the mesh axes' sizes within a slice, and the number of slices.
+MESH_KEYS = ("slices",) + MESH_AXES
 # The batch dimension of activations and inputs is split over every data-like axis.
 BATCH_AXES = ("data", "fsdp")
 
@@ -70,6 +80,45 @@ def rules_preset(name: str) -> list:
   return [tuple(r) for r in RULES_PRESETS[name]]
 
 
+# Named layouts: (config.mesh, rules preset). Sizes of -1 take the remaining devices.
+PARALLELISM = {
+    # Small models: every device holds all params; only gradients are all-reduced.
+    "data_parallel": (dict(slices=1, data=-1, fsdp=1, tensor=1), "data_parallel"),
+    # Params and optimizer state split over all devices, gathered layer by layer.
+    "fsdp": (dict(slices=1, data=1, fsdp=-1, tensor=1), "fsdp"),
+    # FSDP plus `tensor`-way Megatron splits inside each block (wide models, small batches).
+    "fsdp_tensor": (dict(slices=1, data=1, fsdp=-1, tensor=2), "fsdp_tensor"),
+    # `slices` TPU slices: data parallel across slices (over DCN), FSDP within each.
+    "multislice": (dict(slices=2, data=1, fsdp=-1, tensor=1), "fsdp"),
+}
+
+
+def parallelism(name: str, *, tensor: Optional[int] = None, slices: Optional[int] = None
+                ) -> Tuple[Dict[str, int], list]:
+  """(config.mesh, config.sharding_rules) of a named layout, for configs:
+
+    c.mesh, c.sharding_rules = sharding.parallelism("multislice", slices=4)
+
+  `tensor` > 1 adds tensor parallelism to any layout (and its rules become `fsdp_tensor`'s).
+  """
+  if name not in PARALLELISM:
+    raise ValueError(unknown_name_message("parallelism preset", name, PARALLELISM))
+  mesh, rules = PARALLELISM[name]
+  mesh = dict(mesh)
+  if slices is not None:
+    if name != "multislice" and slices != 1:
+      raise ValueError(f"parallelism {name!r} is one slice; use 'multislice' for slices={slices}.")
+    mesh["slices"] = slices
+  if tensor is not None:
+    mesh["tensor"] = tensor
+    if tensor > 1:
+      if name == "data_parallel":
+        raise ValueError("data_parallel replicates every param; use 'fsdp_tensor' for "
+                         f"tensor={tensor}.")
+      rules = "fsdp_tensor"
+  return mesh, rules_preset(rules)
+
+
 def as_rules(table: Sequence[Sequence[Any]]) -> Tuple[Tuple[str, Any], ...]:
   """Normalises a config table (lists after JSON round trips) to flax's rule tuples."""
   rules = []
@@ -90,32 +139,73 @@ def as_rules(table: Sequence[Sequence[Any]]) -> Tuple[Tuple[str, Any], ...]:
 
 
 def resolve_mesh_shape(mesh_config: Mapping[str, int], num_devices: int) -> Dict[str, int]:
-  """Sizes for (data, fsdp, tensor); one axis may be -1 and takes what the others leave."""
-  unknown = set(mesh_config) - set(MESH_AXES)
+  """Sizes for (data, fsdp, tensor); one axis may be -1 and takes what the others leave.
+
+  With `slices` = S > 1 the sizes in `mesh_config` are per slice (num_devices / S devices),
+  and the returned `data` size is S times the per-slice one: data parallel across slices.
+  """
+  unknown = set(mesh_config) - set(MESH_KEYS)
   if unknown:
-    raise ValueError(f"config.mesh has unknown axes {sorted(unknown)}; use {MESH_AXES}.")
+    raise ValueError(f"config.mesh has unknown axes {sorted(unknown)}; use {MESH_KEYS}.")
+  slices = int(mesh_config.get("slices", 1))
+  if slices < 1 or num_devices % slices:
+    raise ValueError(f"config.mesh.slices={slices} does not divide the {num_devices} devices.")
+  per_slice = num_devices // slices
   sizes = {a: int(mesh_config.get(a, 1)) for a in MESH_AXES}
   fill = [a for a, s in sizes.items() if s == -1]
   if len(fill) > 1:
     raise ValueError(f"config.mesh: at most one axis may be -1, got {fill}.")
   known = math.prod(s for s in sizes.values() if s != -1)
+  where = f"{per_slice} devices per slice" if slices > 1 else f"{num_devices} devices"
   if fill:
-    if num_devices % known:
-      raise ValueError(f"config.mesh {dict(mesh_config)}: {num_devices} devices are not "
+    if per_slice % known:
+      raise ValueError(f"config.mesh {dict(mesh_config)}: {where} are not "
                        f"divisible by the fixed axes' product {known}.")
-    sizes[fill[0]] = num_devices // known
-  if math.prod(sizes.values()) != num_devices:
+    sizes[fill[0]] = per_slice // known
+  if math.prod(sizes.values()) != per_slice:
     raise ValueError(f"config.mesh {dict(mesh_config)} needs {math.prod(sizes.values())} "
-                     f"devices but {num_devices} are available.")
+                     f"devices{' per slice' if slices > 1 else ''} but {where} are available.")
+  sizes["data"] *= slices
   return sizes
 
 
+def _slice_groups(devices, slices: int):
+  """Devices grouped by slice: TPU devices know their slice; elsewhere (GPU hosts, CPU
+  tests) a slice is a run of consecutive processes, or of consecutive devices on one."""
+  if all(getattr(d, "slice_index", None) is not None for d in devices):
+    key = lambda d: d.slice_index  # pylint: disable=unnecessary-lambda-assignment
+  elif len({d.process_index for d in devices}) % slices == 0 and jax.process_count() > 1:
+    per = len({d.process_index for d in devices}) // slices
+    key = lambda d: d.process_index // per  # pylint: disable=unnecessary-lambda-assignment
+  else:
+    per = len(devices) // slices
+    order = {id(d): i for i, d in enumerate(devices)}
+    key = lambda d: order[id(d)] // per  # pylint: disable=unnecessary-lambda-assignment
+  groups = collections.defaultdict(list)
+  for d in devices:
+    groups[key(d)].append(d)
+  if len(groups) != slices or len({len(g) for g in groups.values()}) != 1:
+    raise ValueError(f"config.mesh.slices={slices}, but the devices form "
+                     f"{len(groups)} slices of sizes {sorted(len(g) for g in groups.values())}.")
+  return [groups[k] for k in sorted(groups)]
+
+
 def make_mesh(mesh_config: Mapping[str, int], devices=None) -> Mesh:
-  devices = jax.devices() if devices is None else devices
+  devices = jax.devices() if devices is None else list(devices)
   sizes = resolve_mesh_shape(mesh_config, len(devices))
-  shape = tuple(sizes[a] for a in MESH_AXES)
-  # create_device_mesh orders devices so the innermost axes (tensor) get the fastest links.
-  device_array = mesh_utils.create_device_mesh(shape, devices=devices)
+  slices = int(mesh_config.get("slices", 1))
+  if slices == 1:
+    # create_device_mesh orders devices so the innermost axes (tensor) get the fastest links.
+    device_array = mesh_utils.create_device_mesh(
+        tuple(sizes[a] for a in MESH_AXES), devices=devices)
+  else:
+    # One mesh per slice laid out for its own links, stacked along `data`: consecutive data
+    # indices stay inside a slice, so the slow DCN hop is the outermost level of the
+    # gradient all-reduce.
+    per_slice = (sizes["data"] // slices, sizes["fsdp"], sizes["tensor"])
+    device_array = np.concatenate(
+        [mesh_utils.create_device_mesh(per_slice, devices=group)
+         for group in _slice_groups(devices, slices)], axis=0)
   # Auto axes: the compiler propagates shardings from the constraints we give it.
   return Mesh(device_array, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
@@ -216,17 +306,36 @@ def global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh, rules) -> Di
 def maybe_initialize_distributed(distributed_config) -> None:
   """Joins a multi-process run when one is configured or detected; no-op on one process.
 
-  With `coordinator_address` set, the config's explicit settings are used. Otherwise (`auto`)
-  JAX's own cluster detection runs: TPU VM pods and GKE, SLURM, Open MPI, Kubernetes. Where it
-  finds no cluster (a laptop, one GPU host) the run stays single-process.
+  In order of precedence:
+  1. the config's `distributed.coordinator_address` / `num_processes` / `process_id`
+     (e.g. `--config.distributed.coordinator_address=10.0.0.1:1234 ...` on every host);
+  2. the environment variables JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and
+     JAX_PROCESS_ID (a launcher script that exports them per host);
+  3. with `distributed.auto` (the default), JAX's own cluster detection: TPU VM pods and
+     GKE, SLURM (`srun`), Open MPI, Kubernetes. Where it finds no cluster (a laptop, one GPU
+     host driving all its GPUs from one process) the run stays single-process.
   """
   cfg = dict(distributed_config or {})
+  env = os.environ
+  explicit = None
   if cfg.get("coordinator_address"):
-    jax.distributed.initialize(
-        coordinator_address=cfg["coordinator_address"],
-        num_processes=int(cfg["num_processes"]),
-        process_id=int(cfg["process_id"]),
-    )
+    explicit = (cfg["coordinator_address"], cfg.get("num_processes"), cfg.get("process_id"),
+                "config.distributed")
+  elif env.get("JAX_NUM_PROCESSES") and env.get("JAX_PROCESS_ID"):
+    explicit = (env.get("JAX_COORDINATOR_ADDRESS"), env["JAX_NUM_PROCESSES"],
+                env["JAX_PROCESS_ID"], "JAX_* environment variables")
+  if explicit is not None:
+    address, num, index, where = explicit
+    try:
+      num, index = int(num), int(index)
+    except (TypeError, ValueError):
+      num = index = -1
+    if not address or num < 1 or not 0 <= index < num:
+      raise ValueError(f"{where}: a multi-process run needs a coordinator address, "
+                       f"num_processes >= 1 and 0 <= process_id < num_processes; got "
+                       f"{address!r}, {num}, {index}.")
+    jax.distributed.initialize(coordinator_address=address, num_processes=num,
+                               process_id=index)
   elif cfg.get("auto", True) and not jax.distributed.is_initialized():
     try:
       jax.distributed.initialize()

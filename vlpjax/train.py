@@ -14,10 +14,19 @@ workdir resumes from the latest checkpoint: params, optimizer state, step, RNG (
 seed and step) and the input position, so the result equals an uninterrupted run.
 
 Mesh and sharding: `config.mesh` sizes the device mesh axes (data, fsdp, tensor; one may be
--1 to take the remaining devices). Model params and activations carry logical axis names
-(embed, mlp, heads, kv, vocab, act_batch, ...); `config.sharding_rules` is the one table that
-maps each name to mesh axes. Presets: vlpjax.sharding.rules_preset('data_parallel' | 'fsdp' |
-'fsdp_tensor'). Multi-process runs (TPU pods, SLURM) are detected and joined automatically.
+-1 to take the remaining devices; `slices` > 1 spreads `data` over TPU slices). Model params
+and activations carry logical axis names (embed, mlp, heads, kv, vocab, act_batch, ...);
+`config.sharding_rules` is the one table that maps each name to mesh axes. Layouts:
+vlpjax.sharding.parallelism('data_parallel' | 'fsdp' | 'fsdp_tensor' | 'multislice').
+
+Several hosts (docs/scaling.md): run the same command on every host. TPU VM pods, SLURM,
+Open MPI and Kubernetes are detected; elsewhere pass --config.distributed.coordinator_address=
+HOST:PORT --config.distributed.num_processes=N --config.distributed.process_id=I (or set
+JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID).
+
+Preemption: on SIGTERM (a TPU VM's preemption notice, `scancel`, `kill`) the run saves a
+checkpoint at the step it is at, waits for it to commit and exits with status 143; on a pod,
+all hosts agree on that step. Re-running the command resumes from it.
 """
 import argparse
 import sys
@@ -62,6 +71,9 @@ def main(argv=None) -> int:
   except (config_lib.ConfigError, trainer.NonFiniteLossError, trainer.InputError) as e:
     print(f"Error: {e}", file=sys.stderr)
     return 1
+  except trainer.preemption.PreemptedError as e:
+    print(str(e), file=sys.stderr)
+    return e.exit_code
   return 0
 
 

@@ -21,6 +21,7 @@ from vlpjax import config as config_lib
 from vlpjax import init_from
 from vlpjax import metrics as metrics_lib
 from vlpjax import optim
+from vlpjax import preemption
 from vlpjax import sharding
 from vlpjax import train_step as train_step_lib
 from vlpjax import workdir as workdir_lib
@@ -86,13 +87,17 @@ def import_data_modules(config) -> None:
 
 def make_train_batches(config, family, start_position: int):
   """This process's endless training batches in the family's input format."""
+  index, count = jax.process_index(), jax.process_count()
+  read_all = config.input.sharding == "global" and count > 1
   kwargs = dict(global_batch_size=config.global_batch_size, seed=config.seed,
-                start_position=start_position, process_index=jax.process_index(),
-                process_count=jax.process_count())
+                start_position=start_position, process_index=0 if read_all else index,
+                process_count=1 if read_all else count)
   data_config = input_config(config, family)
   if family.input_format == "prefix_lm":
-    return prefix_lm_pipeline.PrefixLMBatches(data_config, **kwargs)
-  return pipeline.train_batches(data_config, **kwargs)
+    batches = prefix_lm_pipeline.PrefixLMBatches(data_config, **kwargs)
+  else:
+    batches = pipeline.train_batches(data_config, **kwargs)
+  return pipeline.ProcessRows(batches, index, count) if read_all else batches
 
 
 def _check_batch_divisibility(config, mesh) -> None:
@@ -210,7 +215,9 @@ class Loop:
     start = int(state["step"])
     batches = make_train_batches(config, setup.family, data_position)
     self.skipped = batches.skipped
-    progress = metrics_lib.Progress(config.total_steps, config.global_batch_size, start)
+    progress = metrics_lib.Progress(config.total_steps, config.global_batch_size, start,
+                                    quiet=not self.is_lead)
+    watch = preemption.PreemptionWatch()
     self.eval_seconds = 0.0
     t_start = time.perf_counter()
     results: Dict[str, Any] = {}
@@ -235,30 +242,39 @@ class Loop:
           jax.block_until_ready(state["step"])
           progress.start(done)
           logging.info("First step compiled and ran.")
-        if ckpt.should_save(done, config.total_steps) or self._eval_due(evaluators, done):
+        preempted = watch.reached(done)
+        save = ckpt.should_save(done, config.total_steps) or preempted
+        if save or self._eval_due(evaluators, done):
           self._handle_metrics(*pending, progress, writer)  # never save a NaN state
           pending = None
-          if ckpt.should_save(done, config.total_steps):
+          if save:
             ckpt.save(done, state, {"data_position": data_position + done - start,
                                     "task_counts": dict(self.task_counts)})
-            print(f"checkpoint saved at step {done}", flush=True)
+            self._say(f"checkpoint saved at step {done}")
+          if preempted:
+            ckpt.wait()
+            raise preemption.PreemptedError(
+                f"preempted (SIGTERM) at step {done}: checkpoint {done} is committed in "
+                f"{workdir}; re-run the same command to resume.")
           results.update(self._run_evals(evaluators, state, done, writer, ckpt))
       if pending is not None:
         self._handle_metrics(*pending, progress, writer)
     finally:
+      watch.close()
       ckpt.close()
       writer.flush()
     results["final_step"] = int(state["step"])
     if start >= config.total_steps:
-      print(f"nothing to do: the checkpoint at step {start} already reached total_steps="
-            f"{config.total_steps} (raise --config.total_steps to train further)", flush=True)
+      self._say(f"nothing to do: the checkpoint at step {start} already reached total_steps="
+                f"{config.total_steps} (raise --config.total_steps to train further)")
     else:
       total = time.perf_counter() - t_start
-      print(f"done: steps {start}..{config.total_steps} in {metrics_lib.duration(total)} "
-            f"({metrics_lib.duration(total - self.eval_seconds)} training incl. compilation, "
-            f"{metrics_lib.duration(self.eval_seconds)} evals); workdir {workdir}", flush=True)
-      print(f"data: examples per task {dict(self.task_counts)}; bad records skipped "
-            f"{self.skipped.counts or 0}", flush=True)
+      self._say(f"done: steps {start}..{config.total_steps} in {metrics_lib.duration(total)} "
+                f"({metrics_lib.duration(total - self.eval_seconds)} training incl. "
+                f"compilation, {metrics_lib.duration(self.eval_seconds)} evals); "
+                f"workdir {workdir}")
+      self._say(f"data: examples per task {dict(self.task_counts)}; bad records skipped "
+                f"{self.skipped.counts or 0}")
     results["state"] = state
     return results
 
@@ -284,8 +300,13 @@ class Loop:
     target = checkpoint_lib.abstract_with_shardings(setup.abstract_state,
                                                     setup.state_shardings)
     state, meta = ckpt.restore(latest, target)
-    print(f"resuming from checkpoint step {latest}", flush=True)
+    self._say(f"resuming from checkpoint step {latest}")
     return state, meta
+
+  def _say(self, line: str) -> None:
+    """Progress for the person at the console: from one process, not from every host."""
+    if self.is_lead:
+      print(line, flush=True)
 
   def _handle_metrics(self, step, device_metrics, data_scalars, progress, writer):
     scalars = metrics_lib.to_host_scalars(device_metrics)

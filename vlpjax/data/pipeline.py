@@ -124,6 +124,37 @@ class TrainBatches:
     return {name: int(n) for name, n in zip(self.task_names, counts)}
 
 
+class ProcessRows:
+  """`input.sharding="global"`: this process's rows of every global batch.
+
+  Every process reads the whole stream of global batches (as a 1-process run would) and
+  keeps rows [i*b, (i+1)*b). The batches a run trains on then do not depend on the number
+  of hosts: a run resumed on another host count, or checked against a single-host run, sees
+  exactly the same examples. The price is that every host decodes every example, so this is
+  for small-scale reproducibility (and data with fewer files than hosts), not for pods.
+  """
+
+  def __init__(self, global_batches, process_index: int, process_count: int):
+    self._batches = global_batches
+    self._index, self._count = process_index, process_count
+    self.skipped = global_batches.skipped
+    self._last_global = None
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> Dict[str, np.ndarray]:
+    batch = next(self._batches)
+    self._last_global = batch
+    rows = len(next(iter(batch.values()))) // self._count
+    return {k: v[self._index * rows:(self._index + 1) * rows] for k, v in batch.items()}
+
+  def task_counts(self, batch: Dict[str, np.ndarray]) -> Dict[str, int]:
+    """Per-task counts of the whole global batch (every process sees it)."""
+    del batch
+    return self._batches.task_counts(self._last_global)
+
+
 def task_dataset(data_config, task_name: str, *, shuffle: bool, seed: int,
                  num_epochs: Optional[int], process_index: int, process_count: int,
                  skipped: Optional[bad_records.SkipCounter] = None,

@@ -95,4 +95,5 @@ def get_family(config):
   # Importing registers the built-in families; kept local so the registry has no model deps.
   # pylint: disable=g-import-not-at-top,unused-import
   from vlpjax.families import coca, document, two_tower, video, vlm
+  from vlpjax import chunked_loss  # registers loss "sigmoid_chunked"
   return FAMILIES.get(config.family)(config)

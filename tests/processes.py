@@ -1,0 +1,54 @@
+"""Running vlpjax command lines as separate processes: one, or several joined as one JAX run."""
+import os
+import random
+import socket
+import subprocess
+import sys
+from typing import List, Sequence
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def free_port(low: int = 0) -> int:
+  """A free TCP port on 127.0.0.1; with `low`, one in [low, 65535] (not the OS's pick)."""
+  candidates = [0] if not low else random.sample(range(low, 65536), 200)
+  for port in candidates:
+    with socket.socket() as s:
+      try:
+        s.bind(("127.0.0.1", port))
+      except OSError:
+        continue
+      return s.getsockname()[1]
+  raise RuntimeError(f"no free port in [{low}, 65535]")
+
+
+def env_with_devices(devices: int) -> dict:
+  return {**os.environ, "PYTHONPATH": REPO,
+          "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+
+
+def start_processes(args: Sequence[str], *, num_processes: int = 2, devices_each: int = 4,
+                    **popen_kwargs) -> List[subprocess.Popen]:
+  """`python -m <args>` as `num_processes` processes of one jax.distributed run on 127.0.0.1.
+
+  Each process gets `devices_each` CPU devices; JAX's CPU collectives (gloo) connect them.
+  """
+  port = free_port()
+  popen_kwargs.setdefault("stdout", subprocess.PIPE)
+  popen_kwargs.setdefault("stderr", subprocess.STDOUT)
+  return [subprocess.Popen(
+      [sys.executable, "-m", *args,
+       f"--config.distributed.coordinator_address=127.0.0.1:{port}",
+       f"--config.distributed.num_processes={num_processes}",
+       f"--config.distributed.process_id={i}"],
+      env=env_with_devices(devices_each), cwd=REPO, text=True, **popen_kwargs)
+          for i in range(num_processes)]
+
+
+def run_processes(args: Sequence[str], *, timeout: float = 600, **kwargs) -> List[str]:
+  """Starts them, waits, asserts every process exited 0; returns their logs."""
+  procs = start_processes(args, **kwargs)
+  logs = [p.communicate(timeout=timeout)[0] for p in procs]
+  for i, (p, log) in enumerate(zip(procs, logs)):
+    assert p.returncode == 0, f"process {i} exited {p.returncode}:\n{log[-3000:]}"
+  return logs
