@@ -27,9 +27,16 @@ Packed rows of 1024 tokens hold up to 3 images (768 image tokens) or several sho
 
 Stages (`stage`, `optim.freeze` from `vlpjax.families.vlm.FREEZE_BY_STAGE`, learning rates as
 LLaVA-1.5 uses them): projector (ViT and LM frozen, lr 1e-3), full (everything, 2e-5), lora
-(`lora_rank` adapters on the LM + the projector, 2e-4). Arguments: batch, steps, rules,
-tensor, stage, lora_rank, llm_hf_path, spm, caption_files, interleaved_files, text_files,
-caption_prompt.
+(`lora_rank` adapters on the LM + the projector, 2e-4). Arguments: batch, steps, rules
+(fsdp|fsdp_tensor|multislice|data_parallel: layouts of `sharding.parallelism`), slices
+(multislice), tensor, stage, lora_rank, llm_hf_path, spm, caption_files, interleaved_files,
+text_files, caption_prompt.
+
+Memory (`python -m tools.aot_compile`, docs/scaling.md): the default 512 rows per step fit
+v5p-256 (22 of 95 GiB per chip), v5e-256 and v6e-256 (14 GiB); v4-128 (8 rows per chip)
+needs `--config.remat_policy=full`. On 256 chips the So400m tower's width 1152 does not
+divide by a 256-way FSDP axis, so its params stay replicated; `--config.mesh.data=2` shards
+them 128 ways.
 """
 import ml_collections
 
@@ -66,7 +73,7 @@ def register_tasks(arg) -> str:
 
 def get_config(arg=None):
   arg = config_lib.parse_arg(
-      arg, batch=512, steps=50_000, rules="fsdp", tensor=1, stage="full", lora_rank=0,
+      arg, batch=512, steps=50_000, rules="fsdp", tensor=1, slices=1, stage="full", lora_rank=0,
       llm_hf_path="", spm="", caption_prompt="",
       caption_files="gs://YOUR_BUCKET/captions/train-*.tfrecord",
       interleaved_files="gs://YOUR_BUCKET/interleaved/train-*.tfrecord",
@@ -102,8 +109,8 @@ def get_config(arg=None):
                  freeze=freeze)
   c.schedule = dict(type="cosine", warmup_steps=1_000)
 
-  c.mesh = dict(data=1, fsdp=-1, tensor=arg.tensor)
-  c.sharding_rules = sharding.rules_preset(arg.rules)
+  c.mesh, c.sharding_rules = sharding.parallelism(arg.rules, tensor=arg.tensor,
+                                                   slices=arg.slices)
 
   # Held-out evals go here, pointing at your own tasks, e.g.
   # c.evals.captioning = dict(type="captioning", task=..., split="validation",
