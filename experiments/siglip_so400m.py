@@ -8,12 +8,19 @@
 Both towers have the So400m shape of "Getting ViT in Shape" (width 1152, depth 27, MLP 4304,
 16 heads): the image tower on 14 px patches (256 of them at 224 px), the text tower on 64
 tokens of a 32k vocabulary, about 0.9B params together. Same family, data and trainer as
-`siglip_b16.py`; only the numbers differ. The batch is split over every chip (FSDP) and each
-block rematerialised: at 256 examples per chip (v5p-256) the saved matmul outputs of 27
-layers (`dots_with_no_batch_dims_saveable`) still fit a v5p chip's 95 GiB; chips with less
-HBM want `remat=full` (docs/scaling.md has the table from `tools.aot_compile`). Arguments:
-`batch=N`, `steps=N`, `remat=POLICY`, `rules=fsdp|fsdp_tensor|multislice|data_parallel`
-(layouts of `sharding.parallelism`), `slices=N` (multislice), `tensor=N`.
+`siglip_b16.py`; only the numbers differ.
+
+Memory (`python -m tools.aot_compile`, table in docs/scaling.md): the batch is split over
+every chip (FSDP) and each block rematerialised keeping its matmul outputs
+(`dots_with_no_batch_dims_saveable`): 256 examples per chip on v5p-256 take 51 of 95 GiB.
+Chips with 16-32 GiB need `remat=full` (v4-128: 19 GiB). On 256-chip slices the width 1152
+does not divide by a 256-way FSDP axis, so every param would stay whole on every chip (9.8
+GiB of params and Adam state): add `--config.mesh.data=2` (FSDP over 128 chips); with it
+v6e-256 fits at the default remat policy (27 of 32 GiB) and v5e-256 with `remat=full` (5 GiB).
+
+Arguments: `batch=N`, `steps=N`, `remat=POLICY` (`vlpjax.models.layers.remat_block`),
+`rules=fsdp|fsdp_tensor|multislice|data_parallel` (layouts of `sharding.parallelism`),
+`slices=N` (multislice), `tensor=N`.
 """
 import ml_collections
 

@@ -210,7 +210,8 @@ def test_params_fsdp_cannot_split_are_counted_and_a_mesh_that_splits_them_is_nam
   held, replicated = aot_compile.state_bytes_per_chip(setup)
   assert held == replicated   # all of it
   assert 12 * n_params <= held < 12 * n_params + 64   # params and Adam's moments, + counts
-  tip = aot_compile.fsdp_divisor_tip(setup)
+  assert aot_compile.fsdp_divisor_tip(setup) is None   # by default only from 256 MiB up
+  tip = aot_compile.fsdp_divisor_tip(setup, min_bytes=0)   # a tiny model: any bytes count
   assert tip.startswith("--config.mesh.data=2 --config.mesh.fsdp=-1 (FSDP over 4 chips")
 
   # Taking the tip: 2-way data parallel x 4-way FSDP splits every kernel 4 ways.
@@ -220,7 +221,7 @@ def test_params_fsdp_cannot_split_are_counted_and_a_mesh_that_splits_them_is_nam
   held_after, replicated_after = aot_compile.state_bytes_per_chip(setup)
   assert dict(setup.mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1}
   assert replicated_after < 0.1 * held_after and held_after < 0.3 * held
-  assert aot_compile.fsdp_divisor_tip(setup) is None
+  assert aot_compile.fsdp_divisor_tip(setup, min_bytes=0) is None
 
 
 @pytest.mark.usefixtures("libtpu")

@@ -62,6 +62,8 @@ _compile_only_environment(command_line=__name__ == "__main__")
 import jax  # noqa: E402  (after the environment above)
 from jax.extend import core as jax_core  # noqa: E402
 
+from vlpjax import config as config_lib  # noqa: E402
+from vlpjax import sharding  # noqa: E402
 from vlpjax.registry import nearest  # noqa: E402
 
 GIB = 1024 ** 3
@@ -369,13 +371,15 @@ def state_bytes_per_chip(setup) -> Tuple[int, int]:
   return held, replicated
 
 
-def fsdp_divisor_tip(setup) -> Optional[str]:
-  """A smaller FSDP size as a mesh override, when a tenth or more of the state one chip holds
-  is replicated because the `fsdp` axis does not divide the params' dimensions (width 1152
-  over 256 chips): the size that divides the dimension holding most of those bytes."""
+def fsdp_divisor_tip(setup, min_bytes: int = 2**28) -> Optional[str]:
+  """A smaller FSDP size as a mesh override, when the `fsdp` axis does not divide the params'
+  dimensions (width 1152 over 256 chips) and so leaves a tenth or more of the state one chip
+  holds, and at least `min_bytes`, replicated: the size that divides the dimension holding
+  most of those bytes. (Small params the rules replicate anyway, biases and position
+  embeddings, stay under the thresholds.)"""
   fsdp = setup.mesh.shape.get("fsdp", 1)
   held, replicated = state_bytes_per_chip(setup)
-  if fsdp <= 1 or replicated < 0.1 * held:
+  if fsdp <= 1 or replicated < max(0.1 * held, min_bytes):
     return None
   bytes_by_dim = collections.Counter()
   for leaf, leaf_sharding in zip(jax.tree.leaves(setup.abstract_state["params"]),
@@ -401,9 +405,14 @@ def build_for_topology(config, topo: Topology, slices: int = 1):
   Fails fast, with the trainer's ConfigError or ValueError, on a mesh or batch the topology
   cannot take: before anything is traced or compiled.
   """
-  from vlpjax import trainer  # pylint: disable=g-import-not-at-top  (fast --help)
+  from vlpjax import trainer  # pylint: disable=g-import-not-at-top  (TensorFlow, when needed)
   config.mesh.slices = slices
-  return trainer.build(config, devices=compile_only_devices(topo, slices))
+  devices = compile_only_devices(topo, slices)
+  try:
+    return trainer.build(config, devices=devices)
+  except NotImplementedError as e:  # jax's mesh_utils: no mesh axis -> chip grid assignment
+    raise ValueError(f"config.mesh {config.mesh.to_dict()} cannot be laid out on the "
+                     f"{topo.topology_name} chip grid: {e}") from e
 
 
 def compile_train_step(config, topo: Topology, slices: int = 1, *, spec: str = "") -> Report:
@@ -412,7 +421,6 @@ def compile_train_step(config, topo: Topology, slices: int = 1, *, spec: str = "
   Returns the Report; `fits` is False when the compiled step needs more than the chip's HBM
   or the compiler itself ran out of memory (then `compiler_error` holds its message).
   """
-  from vlpjax import sharding  # pylint: disable=g-import-not-at-top
   setup = build_for_topology(config, topo, slices)
   report = Report(config=spec, topology=topo.name, topology_name=topo.topology_name,
                   device_kind=setup.mesh.devices.flat[0].device_kind, chips=topo.chips,
@@ -450,7 +458,6 @@ def compile_train_step(config, topo: Topology, slices: int = 1, *, spec: str = "
 def _suggestions(config, topo: Topology, mesh: Dict[str, int], fsdp_tip: str = ""
                  ) -> List[str]:
   """What usually brings a step under the HBM, most specific first."""
-  from vlpjax import sharding  # pylint: disable=g-import-not-at-top
   tips = [fsdp_tip] if fsdp_tip else []
   if config.remat_policy != "full":
     tips.append(f"--config.remat_policy=full (now {config.remat_policy!r})")
@@ -526,13 +533,11 @@ def parse_args(argv):
                       help="HBM per chip to compare with (default: the generation's)")
   parser.add_argument("--json", metavar="FILE", help="also write the figures here")
   args, rest = parser.parse_known_args(argv)
-  from vlpjax import config as config_lib  # pylint: disable=g-import-not-at-top
   return args, config_lib.split_overrides(parser, rest)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
   args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
-  from vlpjax import config as config_lib  # pylint: disable=g-import-not-at-top
   try:
     topo = topology(args.topology, args.hbm_gib)
   except ValueError as e:
