@@ -60,10 +60,11 @@ def _compile_only_environment(command_line: bool) -> None:
 _compile_only_environment(command_line=__name__ == "__main__")
 
 import jax  # noqa: E402  (after the environment above)
-from jax.extend import core as jax_core  # noqa: E402
 
 from vlpjax import config as config_lib  # noqa: E402
 from vlpjax import sharding  # noqa: E402
+# The traced step's matmul count lives next to the analytic model FLOPs that MFU divides by.
+from vlpjax.flops import matmul_flops  # noqa: E402
 from vlpjax.registry import nearest  # noqa: E402
 
 GIB = 1024 ** 3
@@ -208,70 +209,6 @@ def compile_only_devices(topo: Topology, num_slices: int = 1) -> list:
   return list(description.devices)
 
 
-# ---------------------------------------------------------------------------------- FLOPs
-
-
-def _sub_jaxprs(value) -> list:
-  """The jaxprs inside an equation parameter (a body, a list of branches, ...)."""
-  values = value if isinstance(value, (tuple, list)) else (value,)
-  found = []
-  for v in values:
-    if isinstance(v, jax_core.ClosedJaxpr):
-      found.append(v.jaxpr)
-    elif isinstance(v, jax_core.Jaxpr):
-      found.append(v)
-  return found
-
-
-def _dot_flops(eqn) -> float:
-  (lhs_contract, _), _ = eqn.params["dimension_numbers"]
-  lhs = eqn.invars[0].aval.shape
-  out = eqn.outvars[0].aval.shape
-  return 2.0 * math.prod(out) * math.prod(lhs[d] for d in lhs_contract)
-
-
-def _conv_flops(eqn) -> float:
-  rhs = eqn.invars[1].aval.shape
-  out_features = rhs[eqn.params["dimension_numbers"].rhs_spec[0]]
-  # Each output element is a dot product over (input features / groups) x kernel window.
-  return 2.0 * math.prod(eqn.outvars[0].aval.shape) * math.prod(rhs) / out_features
-
-
-def matmul_flops(jaxpr) -> float:
-  """FLOPs of the matrix multiplications and convolutions of a (closed) jaxpr, in total.
-
-  Scan bodies count `length` times, cond branches by the costliest one, shard_map bodies
-  once per shard, rematerialised (checkpointed) computations as often as they appear in the
-  differentiated program. A `while_loop` body counts once: its trip count is not static.
-  Element-wise work is left out (a few percent of a transformer's).
-  """
-  jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
-  total = 0.0
-  for eqn in jaxpr.eqns:
-    name = eqn.primitive.name
-    if name == "dot_general":
-      total += _dot_flops(eqn)
-      continue
-    if name == "conv_general_dilated":
-      total += _conv_flops(eqn)
-      continue
-    inner = [j for v in eqn.params.values() for j in _sub_jaxprs(v)]
-    if not inner:
-      continue
-    if name == "cond":
-      total += max(matmul_flops(j) for j in inner)
-      continue
-    flops = sum(matmul_flops(j) for j in inner)
-    if name == "scan":
-      flops *= eqn.params["length"]
-    elif name == "shard_map":
-      mesh = eqn.params["mesh"]
-      manual = eqn.params.get("newly_manual_axes", eqn.params.get("axis_names"))
-      flops *= math.prod(mesh.shape[a] for a in (manual or mesh.axis_names))
-    total += flops
-  return total
-
-
 # ---------------------------------------------------------------------------------- compile
 
 
@@ -348,15 +285,6 @@ def compiler_oom_bytes(message: str) -> Tuple[Optional[int], Optional[int]]:
   return None, None
 
 
-def _abstract_step_args(setup):
-  """(state, batch) as sharded ShapeDtypeStructs, as `Setup.lower_train_step` builds them."""
-  from vlpjax import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
-  state = checkpoint_lib.abstract_with_shardings(setup.abstract_state, setup.state_shardings)
-  batch = {k: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=setup.batch_shardings[k])
-           for k, s in setup.family.input_specs(setup.config.global_batch_size).items()}
-  return state, batch
-
-
 def state_bytes_per_chip(setup) -> Tuple[int, int]:
   """(all, replicated) bytes of params and optimizer state one chip holds, from the state's
   shardings alone (no compile): a leaf is replicated when no mesh axis splits it, by the rules
@@ -430,7 +358,7 @@ def compile_train_step(config, topo: Topology, slices: int = 1, *, spec: str = "
   report.fsdp_tip = fsdp_divisor_tip(setup) or ""
   with sharding.logical_context(setup.mesh, config.sharding_rules):
     report.matmul_flops = matmul_flops(jax.make_jaxpr(setup.jitted_step)(
-        *_abstract_step_args(setup)))
+        *setup.abstract_step_args()))
   start = time.perf_counter()
   try:
     compiled = setup.lower_train_step().compile()

@@ -196,15 +196,18 @@ def make_mesh(mesh_config: Mapping[str, int], devices=None) -> Mesh:
   slices = int(mesh_config.get("slices", 1))
   if slices == 1:
     # create_device_mesh orders devices so the innermost axes (tensor) get the fastest links.
+    # allow_split_physical_axes: a 16x16 chip grid can then give e.g. data=2 x fsdp=128
+    # (an FSDP size that divides a width such as So400m's 1152), not only whole grid axes.
     device_array = mesh_utils.create_device_mesh(
-        tuple(sizes[a] for a in MESH_AXES), devices=devices)
+        tuple(sizes[a] for a in MESH_AXES), devices=devices, allow_split_physical_axes=True)
   else:
     # One mesh per slice laid out for its own links, stacked along `data`: consecutive data
     # indices stay inside a slice, so the slow DCN hop is the outermost level of the
     # gradient all-reduce.
     per_slice = (sizes["data"] // slices, sizes["fsdp"], sizes["tensor"])
     device_array = np.concatenate(
-        [mesh_utils.create_device_mesh(per_slice, devices=group)
+        [mesh_utils.create_device_mesh(per_slice, devices=group,
+                                       allow_split_physical_axes=True)
          for group in _slice_groups(devices, slices)], axis=0)
   # Auto axes: the compiler propagates shardings from the constraints we give it.
   return Mesh(device_array, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))

@@ -62,13 +62,17 @@ class Setup:
   batch_shardings: Any
   jitted_step: Any
 
-  def lower_train_step(self):
-    """Lowers the train step from shapes alone (no data, no state allocated)."""
+  def abstract_step_args(self):
+    """(state, batch) of the train step as sharded ShapeDtypeStructs: nothing allocated."""
     state = checkpoint_lib.abstract_with_shardings(self.abstract_state, self.state_shardings)
     batch = {k: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=self.batch_shardings[k])
              for k, s in self.family.input_specs(self.config.global_batch_size).items()}
+    return state, batch
+
+  def lower_train_step(self):
+    """Lowers the train step from shapes alone (no data, no state allocated)."""
     with sharding.logical_context(self.mesh, self.config.sharding_rules):
-      return self.jitted_step.lower(state, batch)
+      return self.jitted_step.lower(*self.abstract_step_args())
 
 
 def import_data_modules(config) -> None:

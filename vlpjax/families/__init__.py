@@ -6,6 +6,8 @@ A family turns a config into a Flax module and tells the trainer how to
 - `init(rng, batch)`: boxed params (with logical axis names),
 - `features(params, batch, rng)`: per-example outputs that do not mix examples,
 - `features_loss(params, features)`: the loss over a whole batch of features,
+- `forward_flops(batch_size)`: analytic forward model FLOPs of a batch per component
+  (e.g. {"image_encoder", "decoder"}; `vlpjax.flops.step_model_flops` makes a step's for MFU),
 - `input_format`: which batches it reads: "image_text" (`vlpjax.data.pipeline`: image, texts)
   or "prefix_lm" (`vlpjax.data.prefix_lm_pipeline`: packed rows carrying their images),
 - optionally `pretrained(params, config) -> params`: weights to start from (e.g. a Hugging Face

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 
 from vlpjax import decoding
 from vlpjax import families
+from vlpjax import flops
 from vlpjax import losses
 from vlpjax.families import (FAMILIES, checked_model_kwargs, image_text_specs,
                              module_fields)
@@ -77,6 +78,36 @@ class CoCaFamily:
     metrics.update(contrastive_loss=contrastive, caption_loss=caption,
                    token_accuracy=jnp.sum(features["correct_sum"]) / num_tokens)
     return loss, metrics
+
+  def forward_flops(self, batch_size: int) -> Dict[str, float]:
+    """Forward model FLOPs of `batch_size` image-text pairs per part (`vlpjax.flops`).
+
+    image_encoder: the ViT (train=True: patch dropping counts), both poolers and `img_proj`;
+    text_encoder: the causal unimodal decoder over [BOS, text] + cls and `txt_proj`;
+    decoder: the causal multimodal decoder, cross-attending to the caption tokens, + logits.
+    """
+    model, length = self.model, self.config.input.text_length
+    text = model.settings
+    vit = ViT(parent=None, **{**dict(model.image or {}), "pool_type": "none"})
+    width = vit.dims["width"]
+    embed_dim = model.embed_dim or text["width"]
+    # What the ViT encoder (and so the poolers) sees: the kept patches in training.
+    num_patches = (self.config.input.image_size // vit.dims["patch_size"]) ** 2
+    image_tokens = flops.vit_tokens(num_patches, "none", vit.patch_dropout, train=True)
+    caption_tokens = model.num_caption_queries or image_tokens
+    image = (flops.vit_module_forward(vit, self.config.input.image_size, train=True)
+             + flops.attention_pool(1, image_tokens, width)
+             + flops.dense(1, width, embed_dim))
+    if model.num_caption_queries:
+      image += flops.attention_pool(model.num_caption_queries, image_tokens, width)
+    return flops.scaled({
+        "image_encoder": image,
+        "text_encoder": (flops.decoder_layers(length + 1, text, text["unimodal_depth"])
+                         + flops.dense(1, text["width"], embed_dim)),
+        "decoder": (flops.decoder_layers(length, text, text["multimodal_depth"],
+                                         cross_tokens=caption_tokens, cross_width=width)
+                    + flops.dense(length, text["width"], text["vocab_size"])),
+    }, batch_size)
 
   # Predict functions (evaluators, `vlpjax.predict`).
 

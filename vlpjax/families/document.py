@@ -9,6 +9,9 @@ and starting the LM from a Hugging Face checkpoint.
 
 `config.model.layout_bins` (default 128) sets the resolution of the layout embedding; the
 other `config.model` keys are the VLM's.
+
+Model FLOPs (`forward_flops`) are the VLM's too: the layout embedding of the OCR tokens is
+four table lookups per token, which are gathers, not matmuls.
 """
 from typing import Dict
 

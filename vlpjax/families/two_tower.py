@@ -13,10 +13,13 @@ from typing import Any, Dict
 import jax
 import jax.numpy as jnp
 
+from vlpjax import flops
 from vlpjax import losses
 from vlpjax import models
 from vlpjax.families import (FAMILIES, checked_model_kwargs, image_text_specs,
                              module_fields)
+from vlpjax.models.text import TextEncoder
+from vlpjax.models.vit import ViT
 
 
 @FAMILIES.register("two_tower")
@@ -59,6 +62,28 @@ class TwoTowerFamily:
     if bias is not None:
       metrics["bias"] = jnp.reshape(bias, ())
     return loss, metrics
+
+  def forward_flops(self, batch_size: int) -> Dict[str, float]:
+    """Forward model FLOPs of `batch_size` pairs per tower (`vlpjax.flops`).
+
+    Training runs the image tower with `train=True`, so FLIP's patch dropping counts.
+    """
+    image, text = self._tower_modules()
+    inp = self.config.input
+    return flops.scaled({
+        "image_encoder": flops.vit_module_forward(image, inp.image_size, train=True),
+        "text_encoder": flops.text_encoder_forward(text, inp.text_length),
+    }, batch_size)
+
+  def _tower_modules(self):
+    """Detached ViT / TextEncoder with the heads `TwoTower.setup` gives them."""
+    image_kwargs, text_kwargs = dict(self.model.image or {}), dict(self.model.text or {})
+    image_width = ViT(parent=None, **image_kwargs).dims["width"]
+    embed_dim = self.model.embed_dim or image_width
+    if image_width != embed_dim:
+      image_kwargs.setdefault("head_dim_out", embed_dim)
+    text_kwargs.setdefault("out_dim", embed_dim)
+    return ViT(parent=None, **image_kwargs), TextEncoder(parent=None, **text_kwargs)
 
   # Predict functions (evaluators).
   def embed_images(self, params, images):

@@ -26,10 +26,12 @@ import jax.numpy as jnp
 
 from vlpjax import config as config_lib
 from vlpjax import families
+from vlpjax import flops
 from vlpjax import losses
 from vlpjax.families import FAMILIES
 from vlpjax.families import vlm as vlm_family
 from vlpjax.models import video as video_lib
+from vlpjax.models.vit import ViT
 
 DEFAULT_LOSS_WEIGHTS = {"foreground": 1.0, "boundary": 1.0, "saliency": 0.5}
 VIDEO_KEYS = ("image_mask", "image_segment_ids", "image_times")
@@ -170,6 +172,39 @@ class VideoFamily(vlm_family.VLMFamily):
       loss = loss + self.loss_weights[name] * value
       metrics[f"{name}_loss"] = value
     return loss, metrics
+
+  def forward_flops(self, batch_size: int) -> Dict[str, float]:
+    """Forward model FLOPs of `batch_size` packed rows per part (`vlpjax.flops`).
+
+    Every frame slot is encoded (ViT, or `frame_projection` of precomputed features). The
+    temporal encoder counts full attention over a row's frame tokens (its segment mask keeps
+    packed videos apart, but the products run over the whole row). The LM is the VLM's
+    (the whole row counted causal), plus, in the encoder-decoder form, cross-attention to
+    the frame tokens in every layer. The grounding head's Dense layers run on each frame's
+    state; picking those states out of the LM's (a one-hot product) is a gather, not counted.
+    """
+    inp, model = self.config.input, self.model
+    num_frames = inp.max_images_per_row
+    frame_tokens = num_frames * self.tokens_per_image
+    temporal, llm = model.temporal_kwargs(), model.llm_kwargs()
+    if model.frame_feature_dim:
+      image = flops.dense(num_frames, model.frame_feature_dim, temporal["width"])
+    else:
+      vit = ViT(parent=None, **model.image_kwargs())
+      image = num_frames * flops.vit_module_forward(vit, inp.image_size)
+    cross_tokens = frame_tokens if model.architecture == "encoder_decoder" else 0
+    parts = {
+        "image_encoder": image,
+        "temporal_encoder": flops.encoder_layers(frame_tokens, temporal["width"],
+                                                 temporal["depth"], temporal["mlp_dim"]),
+        "projector": flops.projector(frame_tokens, temporal["width"], llm["width"],
+                                     model.projector),
+        "decoder": flops.decoder_forward(llm, inp.row_length, cross_tokens=cross_tokens),
+    }
+    if model.grounding_head:
+      parts["grounding_head"] = flops.mlp_head(num_frames, llm["width"], temporal["mlp_dim"],
+                                               len(video_lib.HEAD_OUTPUTS))
+    return flops.scaled(parts, batch_size)
 
   def ground(self, params, prompts: Mapping[str, Any]) -> jax.Array:
     """Relative moments [B, 2] for grounding prompts, from the clip-level head (jittable)."""

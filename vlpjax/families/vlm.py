@@ -21,6 +21,7 @@ import seqio
 
 from vlpjax import config as config_lib
 from vlpjax import decoding
+from vlpjax import flops
 from vlpjax import losses
 from vlpjax.families import (FAMILIES, check_packed_rows, checked_model_kwargs,
                              module_fields)
@@ -147,6 +148,26 @@ class VLMFamily:
     num_tokens = jnp.maximum(jnp.sum(features["count_sum"]), 1.0)
     loss = jnp.sum(features["loss_sum"]) / num_tokens
     return loss, {"token_accuracy": jnp.sum(features["correct_sum"]) / num_tokens}
+
+  def forward_flops(self, batch_size: int) -> Dict[str, float]:
+    """Forward model FLOPs of `batch_size` packed rows per part (`vlpjax.flops`).
+
+    Every image slot of a row is encoded (empty ones too: the shapes are fixed) and every
+    one of the `row_length` positions runs through the LM. A row's attention is
+    bidirectional on each example's prefix and causal on the rest; where that boundary lies
+    varies per row, so the whole row counts as causal (attention halved), the issue's
+    definition.
+    """
+    inp = self.config.input
+    image_tokens = inp.max_images_per_row * self.tokens_per_image
+    llm = self.model.llm_kwargs()
+    vit = ViT(parent=None, **self.model.image_kwargs())
+    return flops.scaled({
+        "image_encoder": inp.max_images_per_row * flops.vit_module_forward(vit, inp.image_size),
+        "projector": flops.projector(image_tokens, vit.dims["width"], llm["width"],
+                                     self.model.projector),
+        "decoder": flops.decoder_forward(llm, inp.row_length),
+    }, batch_size)
 
   # -- predict functions (evaluators, `vlpjax.predict`) ------------------------------------
 

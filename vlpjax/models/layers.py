@@ -25,6 +25,7 @@ LAYER_NORM_EPS = 1e-6  # SigLIP / big_vision value; HF SiglipConfig.layer_norm_e
 # Activation logical names. A name the rules do not mention is left unsharded.
 ACT_TOKENS = ("act_batch", "act_length", "act_embed")
 ACT_HEADS = ("act_batch", "act_length", "act_heads", "act_kv")
+ACT_HEADS_FIRST = ("act_batch", "act_heads", "act_length", "act_kv")
 ACT_MLP = ("act_batch", "act_length", "act_mlp")
 
 _KERNEL_INIT = nn.initializers.xavier_uniform()
@@ -86,35 +87,53 @@ class MlpBlock(nn.Module):
         bias_init=partitioned(_BIAS_INIT, ("embed",)), name="fc2")(h)
 
 
-class DenseGeneral(nn.Module):
-  """x [..., *in] -> [..., *features]: contracts x's last `num_contract` dims.
+class HeadProjection(nn.Module):
+  """x [B, L, D] -> [B, heads, L, head_dim]: a q/k/v projection that writes heads first.
 
-  Flax's own DenseGeneral initialises a flattened 2-D kernel and reshapes it,
-  which breaks `with_logical_partitioning` names for >2-D kernels as soon as a
-  mesh is set; this one creates the kernel in its final shape.
+  The kernel is `(embed, heads, kv)` and the bias `(heads, kv)` (a Hugging Face `Linear(E, E)`
+  weight `W` is `W.T.reshape(E, heads, kv)`), created in their final shapes: Flax's own
+  DenseGeneral initialises a flattened 2-D kernel and reshapes it, which breaks
+  `with_logical_partitioning` names for >2-D kernels as soon as a mesh is set. Heads-first is what the attention matmuls want: their batch dims
+  (batch, heads) lead, so no transpose is needed between the projections and them. On CPU
+  the [B, L, heads, kv] layout cost about 10% of a ViT-B block's step time in transposes.
   """
-  features: Tuple[int, ...]
-  kernel_axes: Tuple[Optional[str], ...]
-  bias_axes: Tuple[Optional[str], ...]
-  num_contract: int = 1
+  num_heads: int
+  head_dim: int
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    n_in, n_out = self.num_contract, len(self.features)
-    kernel_shape = tuple(x.shape[-n_in:]) + tuple(self.features)
-    # Fans over the grouped dims: the same scale as the equivalent 2-D Dense.
-    init = nn.initializers.xavier_uniform(
-        in_axis=tuple(range(n_in)), out_axis=tuple(range(n_in, n_in + n_out)))
-    kernel = self.param("kernel", partitioned(init, self.kernel_axes),
-                        kernel_shape, self.param_dtype)
-    bias = self.param("bias", partitioned(_BIAS_INIT, self.bias_axes),
-                      tuple(self.features), self.param_dtype)
+    shape = (x.shape[-1], self.num_heads, self.head_dim)
+    init = nn.initializers.xavier_uniform(in_axis=0, out_axis=(1, 2))
+    kernel = self.param("kernel", partitioned(init, ("embed", "heads", "kv")), shape,
+                        self.param_dtype)
+    bias = self.param("bias", partitioned(_BIAS_INIT, ("heads", "kv")), shape[1:],
+                      self.param_dtype)
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-    contract_x = tuple(range(x.ndim - n_in, x.ndim))
-    y = jax.lax.dot_general(x, kernel, ((contract_x, tuple(range(n_in))), ((), ())))
-    return y + bias
+    y = jnp.einsum("...ld,dhk->...hlk", x, kernel)
+    return y + bias[:, None, :]
+
+
+class HeadMerge(nn.Module):
+  """[B, heads, L, head_dim] -> [B, L, D]: the output projection, contracting heads and kv.
+
+  Kernel `(heads, kv, embed)` and bias `(embed,)`.
+  """
+  features: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    num_heads, head_dim = x.shape[-3], x.shape[-1]
+    init = nn.initializers.xavier_uniform(in_axis=(0, 1), out_axis=2)
+    kernel = self.param("kernel", partitioned(init, ("heads", "kv", "embed")),
+                        (num_heads, head_dim, self.features), self.param_dtype)
+    bias = self.param("bias", partitioned(_BIAS_INIT, ("embed",)), (self.features,),
+                      self.param_dtype)
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    return jnp.einsum("...hld,hdf->...lf", x, kernel) + bias
 
 
 class MultiHeadAttention(nn.Module):
@@ -122,17 +141,12 @@ class MultiHeadAttention(nn.Module):
 
   Kernels: q/k/v `(embed, heads, kv)`, out `(heads, kv, embed)`; an HF
   `Linear(E, E)` weight `W` maps to `W.T.reshape(E, heads, kv)` (q/k/v) and
-  `W.T.reshape(heads, kv, E)` (out). Softmax runs in f32.
+  `W.T.reshape(heads, kv, E)` (out). Softmax runs in f32. Activations between the
+  projections are heads-first, [B, heads, L, kv] (see `HeadProjection`).
   """
   num_heads: int
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
-
-  def _project_in(self, x: Array, head_dim: int, name: str) -> Array:
-    return DenseGeneral(
-        (self.num_heads, head_dim), ("embed", "heads", "kv"), ("heads", "kv"),
-        num_contract=1, dtype=self.dtype, param_dtype=self.param_dtype,
-        name=name)(x)
 
   @nn.compact
   def __call__(self, inputs_q: Array, inputs_kv: Optional[Array] = None,
@@ -154,24 +168,24 @@ class MultiHeadAttention(nn.Module):
       raise ValueError(f"Width {width} is not divisible by {self.num_heads} heads.")
     head_dim = width // self.num_heads
 
-    q = constrain(self._project_in(inputs_q, head_dim, "q_proj"), ACT_HEADS)
-    k = constrain(self._project_in(inputs_kv, head_dim, "k_proj"), ACT_HEADS)
-    v = constrain(self._project_in(inputs_kv, head_dim, "v_proj"), ACT_HEADS)
+    def project(x, name):
+      y = HeadProjection(self.num_heads, head_dim, self.dtype, self.param_dtype, name=name)(x)
+      return constrain(y, ACT_HEADS_FIRST)
+
+    # The 1/sqrt(head_dim) scale goes on q ([B, h, Lq, kv]), not on the logits
+    # ([B, h, Lq, Lk]): the same result for less elementwise work when Lk > kv.
+    q = project(inputs_q, "q_proj") * jnp.asarray(head_dim ** -0.5, self.dtype)
+    k = project(inputs_kv, "k_proj")
+    v = project(inputs_kv, "v_proj")
 
     # f32 accumulation and softmax: bf16 logits lose the small differences
     # that decide where attention goes.
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k,
-                        preferred_element_type=jnp.float32)
-    logits = logits * (head_dim ** -0.5)
+    logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
     if mask is not None:
       logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
     weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-    attended = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
-    attended = constrain(attended, ACT_HEADS)
-
-    return DenseGeneral(
-        (width,), ("heads", "kv", "embed"), ("embed",), num_contract=2,
-        dtype=self.dtype, param_dtype=self.param_dtype, name="out_proj")(attended)
+    attended = constrain(jnp.einsum("bhqk,bhkd->bhqd", weights, v), ACT_HEADS_FIRST)
+    return HeadMerge(width, self.dtype, self.param_dtype, name="out_proj")(attended)
 
 
 class EncoderBlock(nn.Module):

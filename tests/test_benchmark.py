@@ -1,0 +1,165 @@
+"""`tools.benchmark train` (tools/bench_train.py, tools/bench_reference.py) and the CLI.
+
+Timings are never asserted. What is checked is what the figures are made of: the FLOP counts
+against independent arithmetic, MFU against its definition, the peak against the matmuls
+measured, the synthetic batch against the family's specs, and the dispatch of the CLI.
+"""
+import json
+import math
+import os
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tools import bench_reference
+from tools import bench_train
+from tools import benchmark
+from vlpjax import config as config_lib
+from vlpjax import families
+from vlpjax import flops
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMOS = ("siglip_shapes", "coca_shapes", "vlm_shapes", "vlm_interleaved", "udop_docs",
+         "vid2seq_shapes")
+
+
+def _family(name: str, arg: str = ""):
+  config = config_lib.finalize(config_lib.load(os.path.join(REPO, "experiments", name + ".py")
+                                               + (":" + arg if arg else "")))
+  return config, families.get_family(config)
+
+
+@pytest.mark.parametrize("name", DEMOS)
+def test_synthetic_batch_has_the_familys_shapes_and_valid_values(name):
+  config, family = _family(name)
+  specs = family.input_specs(4)
+  batch = bench_train.synthetic_batch(specs)
+  assert set(batch) == set(specs)
+  for key, spec in specs.items():
+    assert batch[key].shape == tuple(spec.shape), key
+    assert batch[key].dtype == np.dtype(spec.dtype), key
+  for key, value in batch.items():
+    if key.endswith("positions"):
+      np.testing.assert_array_equal(value[0], np.arange(value.shape[-1]))
+    if key.endswith("boxes"):
+      assert np.all(value[..., 0] <= value[..., 2]) and np.all(value[..., 1] <= value[..., 3])
+      assert value.min() >= 0 and value.max() <= 1
+    if np.issubdtype(value.dtype, np.floating) and key in ("image", "images"):
+      assert -1 <= value.min() and value.max() <= 1
+
+
+def test_model_dots_ranks_the_steps_matmuls_by_total_flops():
+  def f(a, b, c):
+    # a@b twice (same shapes): its total doubles; a@c once but bigger per call.
+    return jnp.sum(a @ b) + jnp.sum((a + 1) @ b) + jnp.sum(a @ c)
+  a, b, c = jnp.ones((8, 16)), jnp.ones((16, 4)), jnp.ones((16, 32))
+  dots = bench_train.model_dots(jax.make_jaxpr(f)(a, b, c))
+  assert [(lhs.shape, rhs.shape) for lhs, rhs, _, _ in dots] == [((8, 16), (16, 32)),
+                                                                 ((8, 16), (16, 4))]
+  assert [total for *_, total in dots] == [2 * 8 * 16 * 32, 2 * (2 * 8 * 16 * 4)]
+
+
+def test_measure_matmul_peak_counts_flops_and_takes_the_best():
+  lhs = jax.ShapeDtypeStruct((3, 40, 24), jnp.float32)
+  rhs = jax.ShapeDtypeStruct((24, 56), jnp.float32)
+  dims = (((2,), (0,)), ((), ()))
+  measured = bench_train.measure_matmul_peak(jnp.float32, [(lhs, rhs, dims, 0.0)], repeats=2,
+                                             squares=(64,))
+  square, model = measured["matmuls"]
+  assert square["flops"] == 2 * 64 ** 3
+  assert model["flops"] == 2 * 3 * 40 * 56 * 24
+  for m in measured["matmuls"]:
+    assert m["flops_per_s"] == pytest.approx(m["flops"] / m["seconds"])
+  assert measured["peak_flops_per_s"] == max(m["flops_per_s"] for m in measured["matmuls"])
+
+
+@pytest.mark.parametrize("kind,peak", [("NVIDIA H100 80GB HBM3", 989e12),
+                                       ("NVIDIA H100 PCIe", 756e12),
+                                       ("NVIDIA H200", 989e12), ("TPU v5 lite", 197e12),
+                                       ("TPU v5p", 459e12), ("TPU v4", 275e12)])
+def test_spec_peak_by_device_kind(kind, peak):
+  assert bench_train.spec_peak(types.SimpleNamespace(device_kind=kind)) == peak
+
+
+def test_spec_peak_unknown_device_says_what_to_do():
+  with pytest.raises(ValueError, match="--peak_flops"):
+    bench_train.spec_peak(types.SimpleNamespace(device_kind="Abacus 9000"))
+
+
+def test_train_benchmark_figures_are_consistent(tmp_path):
+  out = tmp_path / "train.json"
+  code = benchmark.main(["--out", str(out), "train", "--config",
+                         os.path.join(REPO, "experiments", "siglip_shapes.py") + ":batch=16",
+                         "--steps", "2", "--warmup", "1", "--config.total_steps=10"])
+  assert code == 0
+  result = json.loads(out.read_text())
+  config, family = _family("siglip_shapes", "batch=16")
+  assert result["global_batch_size"] == 16
+  # Analytic model FLOPs as vlpjax.flops defines them, and close to the traced step's
+  # matmuls (remat none: the backward's matmuls are twice the forward's).
+  assert result["model_flops"] == pytest.approx(flops.step_model_flops(family, 16)["total"])
+  assert result["matmul_flops_traced"] == pytest.approx(result["model_flops"], rel=0.05)
+  assert result["xla_flops"] > 0.5 * result["model_flops"]
+  assert len(result["step_seconds_all"]) == 2
+  assert result["step_seconds"] == pytest.approx(np.median(result["step_seconds_all"]))
+  # MFU by its definition, against the best matmul measured in the run.
+  peak = max(m["flops_per_s"] for m in result["peak"]["matmuls"])
+  assert result["peak_flops_per_s"] == pytest.approx(peak)
+  assert result["mfu"] == pytest.approx(result["model_flops"] / result["step_seconds"] / peak)
+  assert result["examples_per_s"] == pytest.approx(16 / result["step_seconds"])
+  assert any(m["what"] == "model" for m in result["peak"]["matmuls"])
+  memory = result["memory"]["compiled_bytes_per_device"]
+  assert memory["total"] == (memory["arguments"] + memory["outputs"] - memory["aliased"]
+                             + memory["temporaries"])
+
+
+def test_train_benchmark_bad_override_exits_2(capsys):
+  code = benchmark.main(["train", "--config", os.path.join(REPO, "experiments",
+                                                           "siglip_shapes.py"),
+                         "--config.no_such_key=1"])
+  assert code == 2
+  assert "no_such_key" in capsys.readouterr().err
+
+
+def test_checkpoint_subcommand_through_the_cli(tmp_path):
+  out = tmp_path / "ckpt.json"
+  code = benchmark.main(["--out", str(out), "checkpoint", "--mib", "2", "--leaf_mib", "1",
+                         "--repeats", "1", "--dir", str(tmp_path / "ckpt")])
+  assert code == 0
+  result = json.loads(out.read_text())
+  assert result["state_bytes"] == 2 * 2 ** 20
+  assert 0 < result["async_blocking_s"] <= result["async_total_s"]
+
+
+def test_reference_needs_a_checkout(monkeypatch, tmp_path):
+  monkeypatch.delenv("BIG_VISION_DIR", raising=False)
+  with pytest.raises(ValueError, match="git clone"):
+    bench_reference.find_checkout(None)
+  with pytest.raises(ValueError, match="not a big_vision checkout"):
+    bench_reference.find_checkout(str(tmp_path))
+
+
+def test_reference_refuses_other_families():
+  config, _ = _family("coca_shapes")
+  with pytest.raises(ValueError, match="two-tower"):
+    bench_reference.BigVisionTwoTower(config, "/nonexistent")
+
+
+@pytest.mark.skipif(not os.environ.get("BIG_VISION_DIR"),
+                    reason="needs a big_vision checkout in $BIG_VISION_DIR (not downloaded "
+                           "in tests)")
+def test_reference_builds_the_same_architecture():
+  # Same sizes in both: the parameter counts agree (a mismatch in the mapping of pool type,
+  # heads or embedding size would change them).
+  config, family = _family("siglip_shapes", "batch=4")
+  reference = bench_reference.BigVisionTwoTower(config)
+  specs = family.input_specs(1)
+  image = jnp.zeros(specs["image"].shape, jnp.float32)
+  texts = jnp.ones(specs["texts"].shape, jnp.int32)
+  theirs = jax.eval_shape(reference.model.init, jax.random.key(0), image, texts)["params"]
+  ours = jax.eval_shape(family.init, jax.random.key(0), {"image": image, "texts": texts})
+  count = lambda tree: sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
+  assert count(theirs) == count(ours)

@@ -1,0 +1,294 @@
+"""`train` benchmark: the trainer's own step, timed, with model FLOPs and MFU.
+
+  python -m tools.benchmark train --config experiments/siglip_b16.py:batch=32,rules=data_parallel \\
+      --config.compute_dtype=float32 --config.remat_policy=none --reference big_vision
+
+What is timed is `vlpjax.trainer.build(config).train_step` (jitted, state donated) on one
+batch kept on the devices, so the figure is the step alone: the input pipeline has its own
+benchmark (`data`). The batch is synthetic and shaped by the family's `input_specs` (values
+do not change the work of a dense step), so configs whose data lives in a bucket run here too.
+
+Figures (JSON):
+  step_seconds          median over `--steps` timed steps after `--warmup` untimed ones
+  model_flops           analytic training FLOPs per step (`vlpjax.flops`: 3 x forward, remat
+                        excluded) and per part
+  xla_flops             XLA's cost analysis of the compiled step (hardware FLOPs: remat and
+                        elementwise work included; a scan body is counted once)
+  peak_flops_per_s      CPU: the best jitted matmul throughput measured in this run, over square
+                        matmuls and the step's own matmul shapes, in the compute dtype; GPU/TPU:
+                        the device's spec-sheet bf16 peak (`SPEC_PEAKS`) times the devices
+  mfu                   model_flops / step_seconds / peak_flops_per_s
+  memory                the compiled step's buffers per device; the device allocator's peak
+                        where it has one (GPU/TPU); the process's peak RSS on CPU
+`--reference big_vision` times big_vision's two-tower model in a plain jitted sigmoid-loss
+AdamW step on the same batch in the same run (`tools/bench_reference.py`).
+"""
+import argparse
+import collections
+import os
+import resource
+import statistics
+import sys
+import time
+from typing import Any, Callable, Dict, List, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Spec-sheet dense bf16 peaks per device (FLOP/s), matched against `device_kind` in order.
+# Sources: NVIDIA H100/H200/A100 datasheets (SXM, dense), Cloud TPU system architecture pages.
+SPEC_PEAKS: Tuple[Tuple[str, float], ...] = (
+    ("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12),
+    ("A100", 312e12), ("L4", 121e12), ("TPU v4", 275e12), ("TPU v5 lite", 197e12),
+    ("TPU v5e", 197e12), ("TPU v5p", 459e12), ("TPU v5", 459e12), ("TPU v6 lite", 918e12),
+    ("TPU v6e", 918e12),
+)
+SQUARE_SIZES = (1024, 2048, 4096)
+
+
+def log(line: str) -> None:
+  print(line, file=sys.stderr, flush=True)
+
+
+def spec_peak(device) -> float:
+  """The spec-sheet bf16 peak of one accelerator; ValueError for an unknown one."""
+  kind = device.device_kind
+  for name, peak in SPEC_PEAKS:
+    if name.lower() in kind.lower():
+      return peak
+  raise ValueError(f"no spec-sheet peak for device kind {kind!r}: pass --peak_flops "
+                   f"(FLOP/s per device) or add it to tools/bench_train.py SPEC_PEAKS.")
+
+
+def synthetic_batch(specs: Dict[str, Any], seed: int = 0) -> Dict[str, np.ndarray]:
+  """A batch shaped and typed by `specs` with plausible values for each kind of key.
+
+  Images uniform in [-1, 1]; token ids in [2, 256) (valid in every vocabulary here);
+  one example per packed row (segment ids 1, positions 0..L-1, the first quarter a
+  bidirectional prefix); every target weighted; every image slot used.
+  """
+  rng = np.random.default_rng(seed)
+  batch = {}
+  for key, spec in specs.items():
+    shape, dtype = tuple(spec.shape), np.dtype(spec.dtype)
+    if dtype == np.bool_:
+      value = np.ones(shape, bool)
+    elif key.endswith("segment_ids"):
+      value = np.ones(shape, dtype)
+    elif key.endswith("positions"):
+      value = np.broadcast_to(np.arange(shape[-1], dtype=dtype), shape).copy()
+    elif key.endswith("causal_attention"):
+      value = (np.arange(shape[-1]) < shape[-1] // 4).astype(dtype)
+      value = np.broadcast_to(value, shape).copy()
+    elif key.endswith("loss_weights"):
+      value = np.ones(shape, dtype)
+    elif key.endswith("image_times"):
+      value = np.broadcast_to(np.arange(shape[-1], dtype=dtype), shape).copy()
+    elif key.endswith("boxes"):  # [x0, y0, x1, y1] in [0, 1], x0 <= x1, y0 <= y1
+      # [..., corner, coordinate], each coordinate sorted over the two corners.
+      corners = np.sort(rng.uniform(0, 1, shape[:-1] + (2, 2)), axis=-2)
+      value = corners.reshape(shape).astype(dtype)
+    elif np.issubdtype(dtype, np.integer):
+      value = rng.integers(2, 256, shape).astype(dtype)
+    else:
+      value = rng.uniform(-1, 1, shape).astype(dtype)
+    batch[key] = value
+  return batch
+
+
+def model_dots(jaxpr, top: int = 8) -> List[Tuple[Any, Any, Any, float]]:
+  """The step's distinct matmuls (lhs, rhs, dimension numbers), most FLOPs first."""
+  from vlpjax import flops  # pylint: disable=g-import-not-at-top
+  totals = collections.Counter()
+  found = {}
+
+  def visit(jx):
+    for eqn in jx.eqns:
+      if eqn.primitive.name == "dot_general":
+        lhs, rhs = (v.aval for v in eqn.invars)
+        key = (lhs.shape, rhs.shape, str(lhs.dtype), str(eqn.params["dimension_numbers"]))
+        found[key] = (lhs, rhs, eqn.params["dimension_numbers"])
+        totals[key] += flops.dot_flops(eqn)
+      for value in eqn.params.values():
+        for sub in flops.sub_jaxprs(value):
+          visit(sub)
+
+  visit(jaxpr.jaxpr if hasattr(jaxpr, "jaxpr") else jaxpr)
+  return [found[k] + (totals[k],) for k, _ in totals.most_common(top)]
+
+
+def _best_seconds(fn: Callable, args, repeats: int) -> float:
+  jax.block_until_ready(fn(*args))
+  best = float("inf")
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    best = min(best, time.perf_counter() - start)
+  return best
+
+
+def measure_matmul_peak(dtype, dots=(), repeats: int = 5, squares=SQUARE_SIZES
+                        ) -> Dict[str, Any]:
+  """Best jitted matmul FLOP/s on the default device, in `dtype`.
+
+  Square matmuls of `squares` and the model's own shapes (`dots`, from `model_dots`:
+  each timed alone with its dimension numbers, batch dims included). Operands are random
+  (constant inputs could let a library take shortcuts).
+  """
+  rng = np.random.default_rng(0)
+  results = []
+  cases = [((n, n), (n, n), (((1,), (0,)), ((), ())), f"square {n}") for n in squares]
+  cases += [(lhs.shape, rhs.shape, dims, "model") for lhs, rhs, dims, _ in dots]
+  for lhs_shape, rhs_shape, dims, label in cases:
+    lhs = jnp.asarray(rng.standard_normal(lhs_shape), dtype)
+    rhs = jnp.asarray(rng.standard_normal(rhs_shape), dtype)
+    fn = jax.jit(lambda a, b, dims=dims: jax.lax.dot_general(a, b, dims))
+    out_shape = jax.eval_shape(fn, lhs, rhs).shape
+    (contract, _), _ = dims
+    work = 2.0 * np.prod(out_shape) * np.prod([lhs_shape[d] for d in contract])
+    seconds = _best_seconds(fn, (lhs, rhs), repeats)
+    results.append({"what": label, "lhs": list(lhs_shape), "rhs": list(rhs_shape),
+                    "dimension_numbers": str(dims), "flops": work, "seconds": seconds,
+                    "flops_per_s": work / seconds})
+    log(f"  matmul {label} {tuple(lhs_shape)} x {tuple(rhs_shape)}: "
+        f"{work / seconds / 1e9:.0f} GFLOP/s")
+    del lhs, rhs
+  best = max(results, key=lambda r: r["flops_per_s"])
+  return {"peak_flops_per_s": best["flops_per_s"], "best": best["what"], "matmuls": results}
+
+
+def time_steps(step: Callable, state, batch, warmup: int, steps: int):
+  """Per-step seconds of `steps` steps after `warmup` (the first compiles); final state."""
+  seconds = []
+  for i in range(warmup + steps):
+    start = time.perf_counter()
+    state, metrics = step(state, batch)
+    jax.block_until_ready((state, metrics))
+    if i >= warmup:
+      seconds.append(time.perf_counter() - start)
+      log(f"  step {i - warmup + 1}/{steps}: {seconds[-1]:.3f} s")
+  return seconds, state
+
+
+def memory_figures(compiled) -> Dict[str, Any]:
+  out: Dict[str, Any] = {}
+  analysis = compiled.memory_analysis()
+  if analysis is not None:
+    out["compiled_bytes_per_device"] = {
+        "arguments": analysis.argument_size_in_bytes,
+        "outputs": analysis.output_size_in_bytes,
+        "aliased": analysis.alias_size_in_bytes,
+        "temporaries": analysis.temp_size_in_bytes,
+        "total": (analysis.argument_size_in_bytes + analysis.output_size_in_bytes
+                  - analysis.alias_size_in_bytes + analysis.temp_size_in_bytes)}
+  stats = jax.local_devices()[0].memory_stats() or {}
+  if "peak_bytes_in_use" in stats:
+    out["device_peak_bytes"] = stats["peak_bytes_in_use"]
+  # ru_maxrss is KiB on Linux.
+  out["process_peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+  return out
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument("--config", required=True, help="path/to/config.py[:arg]")
+  parser.add_argument("--warmup", type=int, default=2, help="untimed steps (the first compiles)")
+  parser.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
+  parser.add_argument("--peak_flops", type=float, default=None,
+                      help="peak FLOP/s per accelerator, or of the whole machine on CPU "
+                      "(default: measured on CPU, the spec sheet's on GPU/TPU)")
+  parser.add_argument("--reference", choices=["big_vision"], default=None,
+                      help="also time this reference implementation in the same run")
+  parser.add_argument("--big_vision_dir", default=None,
+                      help="a big_vision checkout (default: $BIG_VISION_DIR)")
+
+
+def run(args: argparse.Namespace, overrides: List[str]) -> Dict[str, Any]:
+  from vlpjax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from vlpjax import flops  # pylint: disable=g-import-not-at-top
+  from vlpjax import sharding  # pylint: disable=g-import-not-at-top
+  from vlpjax import trainer  # pylint: disable=g-import-not-at-top
+  config = config_lib.finalize(config_lib.load(args.config), overrides)
+  reference = None
+  if args.reference:
+    # Checked before anything is built: a missing checkout fails in a second, not after
+    # the minutes of the project's own steps.
+    from tools import bench_reference  # pylint: disable=g-import-not-at-top
+    reference = bench_reference.BigVisionTwoTower(config, args.big_vision_dir)
+  setup = trainer.build(config)
+  batch_size = config.global_batch_size
+  devices = setup.mesh.devices.size
+  platform = jax.devices()[0].platform
+  dtype = jnp.dtype(config.compute_dtype)
+  log(f"{args.config}: {config.family} family, batch {batch_size}, {dtype.name} compute, "
+      f"remat {config.remat_policy}, {devices} {platform} device(s) "
+      f"({jax.devices()[0].device_kind})")
+
+  state_args = setup.abstract_step_args()
+  with sharding.logical_context(setup.mesh, config.sharding_rules):
+    jaxpr = jax.make_jaxpr(setup.jitted_step)(*state_args)
+    start = time.perf_counter()
+    compiled = setup.jitted_step.lower(*state_args).compile()
+  compile_seconds = time.perf_counter() - start
+  model = flops.step_model_flops(setup.family, batch_size)
+  xla_flops = float((compiled.cost_analysis() or {}).get("flops", 0.0)) * devices
+
+  result: Dict[str, Any] = {
+      "benchmark": "train", "config": args.config, "overrides": overrides,
+      "family": config.family, "global_batch_size": batch_size,
+      "compute_dtype": dtype.name, "remat_policy": config.remat_policy,
+      "platform": platform, "device_kind": jax.devices()[0].device_kind,
+      "xla_flags": os.environ.get("XLA_FLAGS", ""), "cpu_count": os.cpu_count(),
+      "devices": devices, "mesh": dict(setup.mesh.shape),
+      "compile_seconds": compile_seconds, "model_flops": model["total"],
+      "model_flops_by_part": {k: v for k, v in model.items() if k != "total"},
+      "xla_flops": xla_flops,
+      "matmul_flops_traced": flops.matmul_flops(jaxpr.jaxpr),
+  }
+
+  if args.peak_flops:
+    # CPU devices share the machine's cores, so there the figure is the machine's.
+    peak = args.peak_flops * (1 if platform == "cpu" else devices)
+    result["peak"] = {"source": "--peak_flops", "given": args.peak_flops}
+  elif platform == "cpu":
+    log(f"measuring the {dtype.name} matmul peak:")
+    measured = measure_matmul_peak(dtype, model_dots(jaxpr))
+    # CPU devices share the cores: the measured figure is the whole machine's.
+    peak = measured["peak_flops_per_s"]
+    result["peak"] = {"source": "measured", **measured}
+  else:
+    per_device = spec_peak(jax.devices()[0])
+    peak = per_device * devices
+    result["peak"] = {"source": "spec sheet (bf16 dense)", "per_device": per_device}
+  result["peak_flops_per_s"] = peak
+
+  local = synthetic_batch(setup.family.input_specs(batch_size), config.seed)
+  batch = sharding.global_batch(local, setup.mesh, config.sharding_rules)
+  state = setup.init_state()
+  log(f"timing {args.steps} steps after {args.warmup} warm-up steps:")
+  seconds, state = time_steps(setup.train_step, state, batch, args.warmup, args.steps)
+  del state
+  step_seconds = statistics.median(seconds)
+  result.update({
+      "step_seconds_all": seconds, "step_seconds": step_seconds,
+      "examples_per_s": batch_size / step_seconds,
+      "model_flops_per_s": model["total"] / step_seconds,
+      "mfu": model["total"] / step_seconds / peak,
+      "memory": memory_figures(compiled),
+  })
+  log(f"step {step_seconds:.3f} s, {batch_size / step_seconds:.2f} examples/s, "
+      f"model {model['total'] / 1e12:.3f} TFLOP/step, MFU {result['mfu']:.1%} of "
+      f"{peak / 1e9:.0f} GFLOP/s")
+
+  if reference is not None:
+    log("timing the reference (big_vision) step:")
+    ref_seconds = reference.time(local, args.warmup, args.steps)
+    ref_median = statistics.median(ref_seconds)
+    result["reference"] = {
+        "name": "big_vision", **reference.describe(), "step_seconds_all": ref_seconds,
+        "step_seconds": ref_median,
+        "mfu": model["total"] / ref_median / peak,
+        "step_time_ratio": step_seconds / ref_median}
+    log(f"big_vision step {ref_median:.3f} s (MFU {result['reference']['mfu']:.1%}); "
+        f"vlpjax / big_vision = {step_seconds / ref_median:.3f}")
+  return result
