@@ -69,7 +69,7 @@ def test_data_config_times_the_trainers_batches():
     assert results["batch_shapes"][key]["shape"] == list(spec.shape), key
     assert results["batch_shapes"][key]["dtype"] == str(np.dtype(spec.dtype)), key
   assert results["input_format"] == "image_text" and results["batch_unit"] == "examples"
-  assert results["threads"] == 1 and results["threads_pinned"]
+  assert results["threads"] == 1
   assert results["examples"] == 2 * 16
   # Per-task counts come from the batches' task_index, independently of the batch size.
   assert results["examples_by_task"] == {"shapes_captions": 32}
@@ -78,7 +78,8 @@ def test_data_config_times_the_trainers_batches():
 
 def test_data_config_of_packed_rows():
   path = os.path.join(REPO, "experiments", "vlm_shapes.py")
-  args = _args(bench_data, ["--config", path, "--batches", "2", "--warmup", "1"])
+  args = _args(bench_data, ["--config", path, "--batches", "2", "--warmup", "1",
+                            "--threads", "1"])
   results = json.loads(json.dumps(bench_data.run(args, ["global_batch_size=8"])))
 
   config = config_lib.finalize(config_lib.load(path), ["global_batch_size=8"])
@@ -86,8 +87,9 @@ def test_data_config_of_packed_rows():
   for key, spec in specs.items():
     assert results["batch_shapes"][key]["shape"] == list(spec.shape), key
   assert results["batch_unit"] == "packed rows" and results["rows"] == 2 * 8
-  # The pipeline has no thread setting: per-core figures divide by every core.
-  assert not results["threads_pinned"] and results["threads"] == os.cpu_count()
+  # Packed rows read `input.threads` too: per-core figures divide by the pinned pool.
+  assert results["threads"] == 1
+  assert results["examples_per_sec_per_core"] == pytest.approx(results["examples_per_sec"])
   # Shapes captions are short: several fit in a row (1 + 16 image tokens + <= 10 of 80).
   assert results["rows"] < results["packed_examples"] <= 3 * results["rows"]
   assert results["packed_examples_per_sec"] == pytest.approx(

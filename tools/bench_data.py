@@ -10,9 +10,8 @@ Two modes:
   trainer reads for that config (`vlpjax.trainer.make_train_batches`), timed the same way.
   A batch is `global_batch_size` examples, or packed rows for prefix-LM families; for those
   the examples inside the timed rows are counted too (from the rows' segment ids, and from the
-  batches' per-task counts). The tf.data pool is pinned where the pipeline has the
-  `input.threads` setting (image-text batches); packed prefix-LM batches have none, so their
-  per-core figures divide by `os.cpu_count()` and the JSON says `threads_pinned: false`.
+  batches' per-task counts). The tf.data pool is pinned to `--threads` (default: the
+  config's `input.threads`, else every core) through the config's `input.threads`.
 
 Progress lines go to stderr; `run` returns the JSON-able results.
 """
@@ -198,17 +197,12 @@ def _shapes(batch: Dict[str, np.ndarray]) -> Dict[str, Dict[str, Any]]:
   return {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in sorted(batch.items())}
 
 
-def _threads(config, family, requested: Optional[int]):
-  """(threads the per-core figures divide by, whether tf.data's pool is pinned to them).
-
-  Only the image-text pipeline reads `input.threads` (`pipeline._with_options`); the packed
-  prefix-LM one runs on tf.data's default pool, one thread per core.
-  """
-  if family.input_format == "prefix_lm":
-    return os.cpu_count(), False
+def _threads(config, requested: Optional[int]) -> int:
+  """Threads the per-core figures divide by; tf.data's pool is pinned to them
+  (`input.threads`, read by both pipelines through `pipeline.with_options`)."""
   threads = requested or config.input.threads or os.cpu_count()
   config.input.threads = threads
-  return threads, True
+  return threads
 
 
 def run_config(args, overrides: List[str]) -> Dict[str, Any]:
@@ -218,11 +212,10 @@ def run_config(args, overrides: List[str]) -> Dict[str, Any]:
   config = load_config(args.config, overrides)
   trainer.import_data_modules(config)
   family = families.get_family(config)
-  threads, pinned = _threads(config, family, args.threads)
+  threads = _threads(config, args.threads)
   packed = family.input_format == "prefix_lm"
   print(f"data --config {args.config}: {family.input_format} batches of "
-        f"{config.global_batch_size}, {threads} threads"
-        f"{'' if pinned else ' (not pinned: os.cpu_count())'}", file=sys.stderr)
+        f"{config.global_batch_size}, {threads} threads", file=sys.stderr)
 
   # The first batches also render the embedded sources (minutes for the video demo), as
   # they do when the trainer starts: timed apart as the start-up cost.
@@ -253,7 +246,7 @@ def run_config(args, overrides: List[str]) -> Dict[str, Any]:
   results = {
       "benchmark": "data", "config": args.config, "overrides": list(overrides),
       "family": config.family, "input_format": family.input_format, "task": config.input.task,
-      "threads": threads, "threads_pinned": pinned, "cpu_count": os.cpu_count(),
+      "threads": threads, "cpu_count": os.cpu_count(),
       # What one of the trainer's batches holds: `global_batch_size` of them.
       "batch_unit": "packed rows" if packed else "examples",
       "global_batch_size": config.global_batch_size, "batches": args.batches,

@@ -208,6 +208,9 @@ def run(args: argparse.Namespace, overrides: List[str]) -> Dict[str, Any]:
   from vlpjax import flops  # pylint: disable=g-import-not-at-top
   from vlpjax import sharding  # pylint: disable=g-import-not-at-top
   from vlpjax import trainer  # pylint: disable=g-import-not-at-top
+  if args.steps < 1 or args.warmup < 1:
+    raise ValueError(f"--steps and --warmup must be >= 1 (the first step compiles), got "
+                     f"{args.steps} and {args.warmup}.")
   config = config_lib.finalize(config_lib.load(args.config), overrides)
   reference = None
   if args.reference:

@@ -247,7 +247,7 @@ def _select(features: Dict[str, tf.Tensor], keys: Sequence[str], text_length: in
   return out
 
 
-def _with_options(ds: tf.data.Dataset, data_config) -> tf.data.Dataset:
+def with_options(ds: tf.data.Dataset, data_config) -> tf.data.Dataset:
   options = tf.data.Options()
   options.deterministic = True  # The default, stated: resumption relies on it.
   if data_config.get("threads", None):
@@ -275,7 +275,7 @@ def _train_dataset(data_config, *, global_batch_size: int, seed: int, start_posi
   ds = ds.enumerate().skip(start_position * local_batch)
   ds = ds.map(pp, num_parallel_calls=tf.data.AUTOTUNE)
   ds = ds.batch(local_batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
-  return _with_options(ds, data_config), names
+  return with_options(ds, data_config), names
 
 
 def train_dataset(data_config, *, global_batch_size: int, seed: int,
@@ -375,7 +375,7 @@ def eval_dataset(data_config, *, global_batch_size: int, process_index: int = 0,
   ds = ds.map(pp, num_parallel_calls=tf.data.AUTOTUNE)
   ds = ds.concatenate(_padding({k: v for k, v in ds.element_spec.items() if k != "mask"}))
   ds = ds.take(num_batches * local_batch).batch(local_batch, drop_remainder=True)
-  return _with_options(ds.prefetch(tf.data.AUTOTUNE), data_config)
+  return with_options(ds.prefetch(tf.data.AUTOTUNE), data_config)
 
 
 def eval_batches(data_config, *, global_batch_size: int, process_index: int = 0,

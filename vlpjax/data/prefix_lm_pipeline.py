@@ -114,7 +114,8 @@ def task_examples(data_config, task_name: str, seed: int, process_index: int,
     return out
 
   ds = ds.enumerate().map(pp, num_parallel_calls=tf.data.AUTOTUNE)
-  return ds.prefetch(tf.data.AUTOTUNE).as_numpy_iterator()
+  # `input.threads` bounds tf.data's pool here too (as for image-text batches).
+  return pipeline.with_options(ds.prefetch(tf.data.AUTOTUNE), data_config).as_numpy_iterator()
 
 
 class PrefixLMBatches:
