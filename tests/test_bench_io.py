@@ -57,17 +57,22 @@ def test_data_kind_counts_what_its_batches_hold(monkeypatch):
   assert figures["examples_per_sec_per_core"] == pytest.approx(figures["examples_per_sec"] / 2)
 
 
-def test_data_config_times_the_trainers_batches():
-  args = _args(bench_data, ["--config", SIGLIP_SHAPES, "--threads", "1", "--batches", "2",
+def _run_config_with_trainer_shapes(path: str, batch_size: int) -> dict:
+  """`data --config path` over 2 batches (1 thread); asserts the batches have the shapes and
+  dtypes the trainer checks every batch against (`trainer._check_batch`)."""
+  args = _args(bench_data, ["--config", path, "--threads", "1", "--batches", "2",
                             "--warmup", "1"])
-  results = json.loads(json.dumps(bench_data.run(args, ["global_batch_size=16"])))
-
-  # The shapes the trainer checks every batch against (`trainer._check_batch`).
-  config = config_lib.finalize(config_lib.load(SIGLIP_SHAPES), ["global_batch_size=16"])
-  specs = families.get_family(config).input_specs(16)
-  for key, spec in specs.items():
+  override = [f"global_batch_size={batch_size}"]
+  results = json.loads(json.dumps(bench_data.run(args, override)))
+  config = config_lib.finalize(config_lib.load(path), override)
+  for key, spec in families.get_family(config).input_specs(batch_size).items():
     assert results["batch_shapes"][key]["shape"] == list(spec.shape), key
     assert results["batch_shapes"][key]["dtype"] == str(np.dtype(spec.dtype)), key
+  return results
+
+
+def test_data_config_times_the_trainers_batches():
+  results = _run_config_with_trainer_shapes(SIGLIP_SHAPES, 16)
   assert results["input_format"] == "image_text" and results["batch_unit"] == "examples"
   assert results["threads"] == 1
   assert results["examples"] == 2 * 16
@@ -77,15 +82,8 @@ def test_data_config_times_the_trainers_batches():
 
 
 def test_data_config_of_packed_rows():
-  path = os.path.join(REPO, "experiments", "vlm_shapes.py")
-  args = _args(bench_data, ["--config", path, "--batches", "2", "--warmup", "1",
-                            "--threads", "1"])
-  results = json.loads(json.dumps(bench_data.run(args, ["global_batch_size=8"])))
-
-  config = config_lib.finalize(config_lib.load(path), ["global_batch_size=8"])
-  specs = families.get_family(config).input_specs(8)
-  for key, spec in specs.items():
-    assert results["batch_shapes"][key]["shape"] == list(spec.shape), key
+  results = _run_config_with_trainer_shapes(
+      os.path.join(REPO, "experiments", "vlm_shapes.py"), 8)
   assert results["batch_unit"] == "packed rows" and results["rows"] == 2 * 8
   # Packed rows read `input.threads` too: per-core figures divide by the pinned pool.
   assert results["threads"] == 1

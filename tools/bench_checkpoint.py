@@ -116,9 +116,9 @@ def synthetic_state(mib: float, leaf_mib: float = 16.0, layout: str = "sharded")
 def config_state(spec: str, overrides: List[str]) -> Tuple[Any, Any, str]:
   """(state, shardings, description) of a config's freshly initialised train state."""
   import jax  # pylint: disable=g-import-not-at-top
-  from vlpjax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from vlpjax import train  # pylint: disable=g-import-not-at-top
   from vlpjax import trainer  # pylint: disable=g-import-not-at-top
-  config = config_lib.finalize(config_lib.load(spec), overrides)
+  config = train.load_config(spec, overrides)
   setup = trainer.build(config)
   state = jax.block_until_ready(setup.init_state())
   return state, setup.state_shardings, f"train state of {spec}"

@@ -177,12 +177,6 @@ def run_kinds(args) -> Dict[str, Any]:
 # A config's own training input.
 
 
-def load_config(spec: str, overrides: List[str]):
-  """`--config PATH[:arg]` with its overrides, validated as the trainer validates it."""
-  from vlpjax import config as config_lib  # pylint: disable=g-import-not-at-top
-  return config_lib.finalize(config_lib.load(spec), overrides)
-
-
 def _packed_examples(batch: Dict[str, np.ndarray]) -> int:
   """Examples packed into a batch of prefix-LM rows.
 
@@ -209,7 +203,8 @@ def run_config(args, overrides: List[str]) -> Dict[str, Any]:
   """Times exactly the batches `vlpjax.train` would read for `args.config`."""
   from vlpjax import families  # pylint: disable=g-import-not-at-top
   from vlpjax import trainer  # pylint: disable=g-import-not-at-top
-  config = load_config(args.config, overrides)
+  from vlpjax import train  # pylint: disable=g-import-not-at-top
+  config = train.load_config(args.config, overrides)
   trainer.import_data_modules(config)
   family = families.get_family(config)
   threads = _threads(config, args.threads)

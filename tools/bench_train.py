@@ -204,14 +204,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, overrides: List[str]) -> Dict[str, Any]:
-  from vlpjax import config as config_lib  # pylint: disable=g-import-not-at-top
   from vlpjax import flops  # pylint: disable=g-import-not-at-top
   from vlpjax import sharding  # pylint: disable=g-import-not-at-top
+  from vlpjax import train  # pylint: disable=g-import-not-at-top
   from vlpjax import trainer  # pylint: disable=g-import-not-at-top
   if args.steps < 1 or args.warmup < 1:
     raise ValueError(f"--steps and --warmup must be >= 1 (the first step compiles), got "
                      f"{args.steps} and {args.warmup}.")
-  config = config_lib.finalize(config_lib.load(args.config), overrides)
+  config = train.load_config(args.config, overrides)
   reference = None
   if args.reference:
     # Checked before anything is built: a missing checkout fails in a second, not after
