@@ -16,6 +16,10 @@ Formats (`--out` is a local directory):
                `hf_clip_config` name what does not fit). HF texts are the vlpjax token ids as
                `input_ids`, without an attention mask.
 
+Towers trained with `scan_layers` export to HF exactly as unscanned ones with the same weights
+(the stacked blocks are sliced into HF's per-layer modules); orbax and safetensors keep the
+run's own layout (`encoder/scanned/...`), which `config.init_from` converts when needed.
+
 The model is built on this machine's devices as pure data parallel, whatever mesh the run
 trained on, so a pod run exports on a CPU box. `--dtype bfloat16` halves the files (numpy has
 no bf16; ml_dtypes provides it to the safetensors numpy API).

@@ -2,13 +2,16 @@
 
   python -m tools.import_checkpoint --hf /ckpt/siglip-base-patch16-224 --out /ckpt/siglip_b16
   python -m tools.import_checkpoint --hf DIR --out PARAMS_DIR --image_size 384
+  python -m tools.import_checkpoint --hf DIR --out PARAMS_DIR --scan_layers
 
 `--hf` is a `save_pretrained` directory (`config.json` with `model_type` "siglip" or "clip",
 `model.safetensors` or its shards; torch is not needed). `PARAMS_DIR` becomes a params-only
 Orbax checkpoint (`vlpjax.checkpoint.load_params`) plus `model.json`, the TwoTower kwargs of
 the converted model. `--image_size` other than the checkpoint's resamples the learned image
-position embedding to the new patch grid (`vlpjax.interop.resample_posemb`). The tool prints
-the config lines that start a run from it (`config.init_from`) and the LiT variant.
+position embedding to the new patch grid (`vlpjax.interop.resample_posemb`). `--scan_layers`
+writes both towers' encoder blocks stacked for a `scan_layers=True` model (and sets it in the
+kwargs); without it `config.init_from` still stacks them when the run's model scans. The tool
+prints the config lines that start a run from it (`config.init_from`) and the LiT variant.
 
 The HF model's tokenizer defines its text ids: a run from it must feed texts tokenized the
 same way (a CLIP text tower pools at the EOS token, so its texts must carry one).
@@ -44,18 +47,22 @@ def _resize_image_tower(params, model_kwargs, hf_image_size: int, image_size: in
         f"({(hf_image_size // patch) ** 2} patches) to {image_size}px ({side * side} patches)")
 
 
-def import_hf(hf_dir: str, out: str, image_size: Optional[int] = None) -> Dict[str, Any]:
-  """Converts the HF checkpoint in `hf_dir` into params at `out`; returns the TwoTower kwargs."""
+def import_hf(hf_dir: str, out: str, image_size: Optional[int] = None,
+              scan_layers: bool = False) -> Dict[str, Any]:
+  """Converts the HF checkpoint in `hf_dir` into params at `out`; returns the TwoTower kwargs.
+
+  `scan_layers`: lay the encoder blocks out for (and configure) a scanned TwoTower.
+  """
   # pylint: disable=g-import-not-at-top  (JAX and Orbax load only when used)
   import jax
   from vlpjax import checkpoint as checkpoint_lib
   from vlpjax.interop import _hf_common, hf_lm
   hf_config = hf_lm.read_hf_config(hf_dir)
   kwargs_fn, params_fn = _converters(hf_config.get("model_type"))
-  model_kwargs = kwargs_fn(hf_config)
+  model_kwargs = kwargs_fn(hf_config, scan_layers=scan_layers)
   if os.path.exists(out):
     raise ValueError(f"--out {out} already exists; give a new directory.")
-  params = params_fn(hf_lm.read_safetensors(hf_dir), hf_config)
+  params = params_fn(hf_lm.read_safetensors(hf_dir), hf_config, scan_layers=scan_layers)
   missing = {"img", "txt", "logit_scale"} - set(params)
   if missing:
     raise ValueError(f"{hf_dir} holds no {sorted(missing)}: a full two-tower checkpoint "
@@ -90,9 +97,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   parser.add_argument("--out", required=True, help="new params directory")
   parser.add_argument("--image_size", type=int, default=None,
                       help="train at this resolution (default: the checkpoint's)")
+  parser.add_argument("--scan_layers", action="store_true",
+                      help="stack the encoder blocks for a scan_layers=True TwoTower")
   args = parser.parse_args(argv)
   try:
-    import_hf(args.hf, args.out, image_size=args.image_size)
+    import_hf(args.hf, args.out, image_size=args.image_size, scan_layers=args.scan_layers)
   except ValueError as e:  # An unsupported or malformed HF checkpoint: say what and where.
     print(f"Error: {e}", file=sys.stderr)
     return 1

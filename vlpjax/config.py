@@ -36,6 +36,7 @@ def defaults() -> ConfigDict:
   c.loss_weights = ConfigDict()  # family-specific loss terms' weights (e.g. CoCa's caption)
   c.compute_dtype = "bfloat16"   # activations/matmuls; params and optimizer state stay f32
   c.remat_policy = "none"        # none | full | dots_saveable | dots_with_no_batch_dims_saveable
+  c.attention_impl = "auto"      # auto (cuDNN on GPU for bf16, else einsum) | einsum | xla | cudnn
 
   # Axis sizes within a slice (one may be -1); `slices` > 1: data parallel across
   # TPU slices (docs/scaling.md).
@@ -68,6 +69,7 @@ def defaults() -> ConfigDict:
       shuffle_buffer=10_000,
       keys=(),                  # features the model reads; () = the data's default
       threads=0,                # tf.data thread pool size; 0 = tf.data's default
+      prefetch_to_device=2,     # batches copied to the devices ahead of the step; 0 = none
       bad_records="error",      # error | skip: stop naming the record, or skip and count
       # host: each process reads its own seqio shard (scales to pods); global: every process
       # reads the whole stream and keeps its rows, so batches do not depend on the host count.

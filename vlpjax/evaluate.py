@@ -24,6 +24,7 @@ from typing import Dict, List, Optional
 from absl import logging
 
 from vlpjax import config as config_lib
+from vlpjax import host_memory
 
 
 def parse_args(argv):
@@ -92,6 +93,7 @@ def evaluate(workdir: str, config, steps: Optional[List[int]] = None, all_steps:
 
 
 def main(argv=None) -> int:
+  host_memory.configure()  # Before JAX starts its CPU client (see vlpjax/host_memory.py).
   args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
   try:
     config = load_config(args.workdir, args.config, overrides)

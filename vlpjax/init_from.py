@@ -12,6 +12,11 @@ source lacks keeps its fresh initialisation and is listed, so a partial load is 
 A learned image position embedding of another grid size is resampled (a checkpoint trained at
 224 px used at 256 px), as big_vision and timm do; any other shape mismatch is an error naming
 the param, since silently re-initialising it would waste the run.
+
+Layer stacks may differ in layout: a source with unscanned blocks (`.../layers_{i}/...`) loads
+into a model with `scan_layers=True` (`.../scanned/...`, stacked on a leading axis) and the
+other way round (`vlpjax.models.scan_util.match_layers`); `include` matches this model's
+param paths. Stacks of different depths then differ in shape, an error naming the param.
 """
 import re
 from typing import Any, List, Tuple
@@ -21,6 +26,7 @@ import numpy as np
 
 from vlpjax import checkpoint as checkpoint_lib
 from vlpjax import config as config_lib
+from vlpjax.models import scan_util
 from vlpjax.optim import param_path
 
 _POSEMB = re.compile(r"(.*/)?position_embedding/embedding")
@@ -60,6 +66,13 @@ def merge_init_params(fresh_params, init_cfg) -> Tuple[Any, List[str]]:
     source, where = checkpoint_lib.read_params_from(init_cfg.path, step)
   except (ValueError, FileNotFoundError) as e:
     raise config_lib.ConfigError(f"config.init_from.path={init_cfg.path!r}: {e}") from e
+  relaid = []
+  try:
+    source = scan_util.match_layers(source, fresh_params, converted=relaid)
+  except ValueError as e:
+    raise config_lib.ConfigError(
+        f"config.init_from: the layer stacks of {where} cannot take this model's layout "
+        f"(scan_layers): {e}") from None
   source = _flatten(source)
   taken, kept, resampled = [], [], []
 
@@ -82,6 +95,9 @@ def merge_init_params(fresh_params, init_cfg) -> Tuple[Any, List[str]]:
         f"config.init_from: no param of this model matches include={init_cfg.include!r} and "
         f"exists in {where} (it has e.g. {sorted(source)[:3]}).")
   lines = [f"init_from: {len(taken)} params from {where}"]
+  if relaid:
+    lines.append(f"init_from: layer stacks converted to this model's layout: "
+                 f"{'; '.join(relaid)}")
   if kept:
     lines.append(f"init_from: {len(kept)} params not in the source keep their initialisation: "
                  f"{', '.join(kept[:5])}{' ...' if len(kept) > 5 else ''}")

@@ -34,6 +34,7 @@ import sys
 from absl import logging
 
 from vlpjax import config as config_lib
+from vlpjax import host_memory
 
 
 def parse_args(argv):
@@ -55,6 +56,7 @@ def load_config(spec: str, overrides) -> config_lib.ConfigDict:
 
 
 def main(argv=None) -> int:
+  host_memory.configure()  # Before JAX starts its CPU client (see vlpjax/host_memory.py).
   args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
   try:
     config = load_config(args.config, overrides)

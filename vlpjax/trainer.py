@@ -7,7 +7,7 @@ import dataclasses
 import importlib
 import os
 import time
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 
 from absl import logging
 import flax.linen as nn
@@ -22,6 +22,7 @@ from vlpjax import init_from
 from vlpjax import metrics as metrics_lib
 from vlpjax import optim
 from vlpjax import preemption
+from vlpjax import prefetch
 from vlpjax import sharding
 from vlpjax import train_step as train_step_lib
 from vlpjax import workdir as workdir_lib
@@ -41,7 +42,12 @@ class InputError(RuntimeError):
   """The input pipeline failed (e.g. an undecodable record); names the step and record."""
 
 
-def _next_batch(batches, step: int) -> Dict[str, np.ndarray]:
+def _next_batch(batches, step: int):
+  """The next item of `batches` (here: a `DevicePrefetch`) for `step`.
+
+  A pipeline error raised while the batch was built (in the prefetch thread, re-raised here
+  in stream order) becomes an `InputError` naming the step that needed the batch.
+  """
   try:
     return next(batches)
   except tf.errors.OpError as e:
@@ -180,6 +186,42 @@ def _check_batch(batch: Dict[str, np.ndarray], setup: Setup) -> None:
                        f"{spec.shape}: check config.input.pp / image_size / text_length.")
 
 
+def _counted(batches) -> Iterator[Tuple[Dict[str, np.ndarray], Dict[str, int]]]:
+  """(local batch, its examples per task), counted as each batch is read.
+
+  Counted here, next to the read, because some inputs count from their own read position
+  (`pipeline.ProcessRows` the last global batch, `PrefixLMBatches` the stream since the last
+  call): with prefetch, asking later would count a batch read ahead instead.
+  """
+  for local in batches:
+    yield local, batches.task_counts(local)
+
+
+def _device_batches(config, setup: Setup, batches) -> prefetch.DevicePrefetch:
+  """Local batches -> ((local, task counts), global sharded batch), prefetched ahead.
+
+  `config.input.prefetch_to_device` pairs are built ahead in a background thread, so their
+  host->device copies overlap the running step (0 = built synchronously in the loop).
+  """
+  size = config.input.prefetch_to_device
+  if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+    raise config_lib.ConfigError(
+        f"config.input.prefetch_to_device must be an int >= 0 (batches copied to the devices "
+        f"ahead of the step; 0 = none), got {size!r}.")
+  first = True
+
+  def to_device(counted):
+    nonlocal first
+    local, _ = counted
+    if first:  # The first batch: a clear error rather than a failed copy or compile.
+      _check_batch(local, setup)
+      first = False
+    return sharding.global_batch({k: local[k] for k in setup.batch_shardings}, setup.mesh,
+                                 config.sharding_rules)
+
+  return prefetch.DevicePrefetch(_counted(batches), to_device, size)
+
+
 def _check_finite(step: int, scalars: Dict[str, float]) -> None:
   loss = scalars["loss"]
   if not np.isfinite(loss):
@@ -218,7 +260,12 @@ class Loop:
     self.task_counts = collections.Counter(meta.get("task_counts", {}))
     start = int(state["step"])
     batches = make_train_batches(config, setup.family, data_position)
+    # Bad records skipped so far by the pipeline's reads, which with prefetch run ahead of the
+    # steps by up to input.prefetch_to_device batches (+1 held by the thread): the logged
+    # count may include those. data_position, and so a resume, comes from the step count,
+    # so reading ahead never moves it.
     self.skipped = batches.skipped
+    device_input = _device_batches(config, setup, batches)
     progress = metrics_lib.Progress(config.total_steps, config.global_batch_size, start,
                                     quiet=not self.is_lead)
     watch = preemption.PreemptionWatch()
@@ -230,12 +277,8 @@ class Loop:
 
     try:
       for step in range(start, config.total_steps):
-        local = _next_batch(batches, step + 1)
-        self.task_counts.update(batches.task_counts(local))
-        if step == start:
-          _check_batch(local, setup)
-        batch = sharding.global_batch(
-            {k: local[k] for k in setup.batch_shardings}, setup.mesh, config.sharding_rules)
+        (_, counts), batch = _next_batch(device_input, step + 1)
+        self.task_counts.update(counts)  # Of the batch this step trains on.
         state, step_metrics = setup.train_step(state, batch)
         done = step + 1
         # Check the previous step's metrics while this one runs: no stall in the loop.
@@ -264,6 +307,7 @@ class Loop:
       if pending is not None:
         self._handle_metrics(*pending, progress, writer)
     finally:
+      device_input.close()  # First: a stop (NaN, preemption, Ctrl-C) must not wait on it.
       watch.close()
       ckpt.close()
       writer.flush()

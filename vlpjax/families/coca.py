@@ -46,7 +46,8 @@ class CoCaFamily:
         config, module_fields(coca_lib.CoCa),
         {"image": module_fields(ViT), "text": list(coca_lib.TEXT_DEFAULTS)})
     self.model = coca_lib.CoCa(dtype=jnp.dtype(config.compute_dtype),
-                               remat_policy=config.remat_policy, **model_kwargs)
+                               remat_policy=config.remat_policy,
+                               attention_impl=config.attention_impl, **model_kwargs)
     self.loss_fn = losses.LOSSES.get(config.loss)
     self.loss_weights = loss_weights(config)
 

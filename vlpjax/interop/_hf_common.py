@@ -8,6 +8,10 @@ out}_proj`, `mlp.fc{1,2}`, `layer_norm{1,2}`), which vlpjax's `layers.Encoder` m
 Layout changes: torch `Linear` weights are (out, in) where Flax kernels are (in, out);
 attention kernels split the width into (heads, head_dim); the conv kernel goes OIHW -> HWIO.
 Arrays are numpy float32 both ways.
+
+Scanned towers (`scan_layers=True`: an encoder's blocks stacked under `scanned`) export as the
+unscanned ones with the same weights do (`Writer.encoder` unstacks them); `Reader` builds
+unscanned trees, which `with_layer_layout` stacks for a scanned model.
 """
 import math
 import re
@@ -17,6 +21,7 @@ import numpy as np
 from flax import linen as nn
 
 from vlpjax.models import layers
+from vlpjax.models import scan_util
 from vlpjax.models.text import TextEncoder
 from vlpjax.models.vit import ViT
 
@@ -188,6 +193,8 @@ class Writer:
     self.linear(f"{prefix}.fc2", p["fc2"])
 
   def encoder(self, prefix: str, final_norm: str, p: Params) -> None:
+    if scan_util.is_scanned(p):  # HF has one module per layer: slice the stacked blocks.
+      p = scan_util.unstack_layers(p, where=prefix)
     num_layers = sum(1 for k in p if k.startswith("layers_"))
     for i in range(num_layers):
       layer, lp = f"{prefix}.encoder.layers.{i}", p[f"layers_{i}"]
@@ -196,6 +203,16 @@ class Writer:
       self.layer_norm(f"{layer}.layer_norm2", lp["layer_norm2"])
       self.mlp(f"{layer}.mlp", lp["mlp"])
     self.layer_norm(f"{prefix}.{final_norm}", p["encoder_norm"])
+
+
+def with_layer_layout(params: Params, scan_layers: bool) -> Params:
+  """Converted (unscanned) params as a model with `scan_layers` holds them."""
+  return scan_util.stack_layers(params) if scan_layers else params
+
+
+def with_scan_kwarg(model_kwargs: Dict[str, Any], scan_layers: bool) -> Dict[str, Any]:
+  """TwoTower kwargs with `scan_layers` (both towers) set when asked; unchanged otherwise."""
+  return dict(model_kwargs, scan_layers=True) if scan_layers else model_kwargs
 
 
 # -- configs -----------------------------------------------------------------------------

@@ -52,11 +52,13 @@ def _vision_from_hf(reader: common.Reader, num_heads: int) -> Params:
   }
 
 
-def params_from_hf_clip(state_dict: Mapping[str, Any], hf_config) -> Params:
+def params_from_hf_clip(state_dict: Mapping[str, Any], hf_config, *,
+                        scan_layers: bool = False) -> Params:
   """HF `CLIPModel.state_dict()` -> `TwoTower` params {img, txt, logit_scale}.
 
   `hf_config` (a `CLIPConfig` or its dict) supplies the head counts. Either tower may be
-  absent; any other unconverted key is an error.
+  absent; any other unconverted key is an error. `scan_layers=True` stacks each encoder's
+  blocks as a `scan_layers` model holds them.
   """
   cfg = common.config_dict(hf_config)
   reader = common.Reader(state_dict)
@@ -72,7 +74,7 @@ def params_from_hf_clip(state_dict: Mapping[str, Any], hf_config) -> Params:
   if "logit_scale" in reader.remaining:
     params["logit_scale"] = reader.pop("logit_scale").reshape(())
   reader.check_done()
-  return params
+  return common.with_layer_layout(params, scan_layers)
 
 
 def hf_clip_from_params(params: Mapping[str, Any]) -> StateDict:
@@ -118,11 +120,13 @@ def hf_clip_from_params(params: Mapping[str, Any]) -> StateDict:
   return w.state
 
 
-def twotower_kwargs_from_hf_clip_config(hf_config) -> Dict[str, Any]:
+def twotower_kwargs_from_hf_clip_config(hf_config, *, scan_layers: bool = False
+                                        ) -> Dict[str, Any]:
   """`TwoTower` kwargs matching an HF `CLIPConfig` (or its dict).
 
   Refuses what vlpjax does not compute: activations other than tanh-gelu (the OpenAI
   checkpoints' `quick_gelu`), LayerNorm eps other than 1e-6, no `eos_token_id`.
+  `scan_layers=True` adds `scan_layers=True` (both towers scanned).
   """
   cfg = common.config_dict(hf_config)
   vis, txt = cfg["vision_config"], cfg["text_config"]
@@ -135,7 +139,7 @@ def twotower_kwargs_from_hf_clip_config(hf_config) -> Dict[str, Any]:
                      f"text is pooled where it appears.")
   if eos == LEGACY_EOS_TOKEN_ID:
     eos = txt["vocab_size"] - 1  # See the module doc: argmax-of-id pooling.
-  return dict(
+  kwargs = dict(
       image=dict(width=vis["hidden_size"], depth=vis["num_hidden_layers"],
                  mlp_dim=vis["intermediate_size"], num_heads=vis["num_attention_heads"],
                  patch_size=common.hf_square_size(vis, "patch_size"),
@@ -150,6 +154,7 @@ def twotower_kwargs_from_hf_clip_config(hf_config) -> Dict[str, Any]:
       temperature_init=float(cfg.get("logit_scale_init_value", 2.6592)),
       bias_init=None,
   )
+  return common.with_scan_kwarg(kwargs, scan_layers)
 
 
 def hf_clip_config(model_kwargs: Mapping[str, Any], image_size: int) -> Dict[str, Any]:

@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vlpjax.models import scan_util
 from vlpjax.models.decoder import Decoder, make_attention_mask
 
 SUPPORTED_MODEL_TYPES = ("llama", "gemma")
@@ -214,11 +215,9 @@ def load_hf_decoder(path: str, *, scan_layers: bool = False, dtype=np.float32
   }
   layer_list = [_layer_params(reader, i, num_heads, num_kv_heads)
                 for i in range(kwargs["depth"])]
+  params["layers"] = {f"layers_{i}": layer for i, layer in enumerate(layer_list)}
   if scan_layers:
-    params["layers"] = {"scanned": jax.tree_util.tree_map(
-        lambda *xs: np.stack(xs), *layer_list)}
-  else:
-    params["layers"] = {f"layers_{i}": layer for i, layer in enumerate(layer_list)}
+    params["layers"] = scan_util.stack_layers(params["layers"], where="layers")
 
   if "lm_head.weight" in reader.remaining:
     head = reader.pop("lm_head.weight", body=False)

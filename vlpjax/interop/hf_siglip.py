@@ -56,12 +56,14 @@ def _text_from_hf(reader: common.Reader, num_heads: int) -> Params:
   return {**reader.text_tower(num_heads), "head": reader.linear("text_model.head")}
 
 
-def params_from_hf_siglip(state_dict: Mapping[str, Any], hf_config) -> Params:
+def params_from_hf_siglip(state_dict: Mapping[str, Any], hf_config, *,
+                          scan_layers: bool = False) -> Params:
   """HF `SiglipModel.state_dict()` -> `TwoTower` params {img, txt, logit_*}.
 
   `hf_config` (a `SiglipConfig` or its dict) supplies the head counts, which
   the (E, E) projection weights do not reveal. Either tower may be absent (a
   vision-only or text-only export); any other unconverted key is an error.
+  `scan_layers=True` stacks each encoder's blocks as a `scan_layers` model holds them.
   """
   cfg = common.config_dict(hf_config)
   reader = common.Reader(state_dict)
@@ -75,7 +77,7 @@ def params_from_hf_siglip(state_dict: Mapping[str, Any], hf_config) -> Params:
     if name in reader.remaining:
       params[name] = reader.pop(name).reshape(())
   reader.check_done()
-  return params
+  return common.with_layer_layout(params, scan_layers)
 
 
 def hf_siglip_from_params(params: Mapping[str, Any]) -> StateDict:
@@ -126,8 +128,10 @@ def hf_siglip_from_params(params: Mapping[str, Any]) -> StateDict:
   return w.state
 
 
-def twotower_kwargs_from_hf_config(hf_config) -> Dict[str, Any]:
-  """`TwoTower` kwargs matching an HF `SiglipConfig` (or its dict)."""
+def twotower_kwargs_from_hf_config(hf_config, *, scan_layers: bool = False
+                                   ) -> Dict[str, Any]:
+  """`TwoTower` kwargs matching an HF `SiglipConfig` (or its dict); `scan_layers=True` adds
+  `scan_layers=True` (both towers scanned)."""
   cfg = common.config_dict(hf_config)
   vis, txt = cfg["vision_config"], cfg["text_config"]
   common.check_hf_tower_config("vision", vis)
@@ -138,7 +142,7 @@ def twotower_kwargs_from_hf_config(hf_config) -> Dict[str, Any]:
   if embed_dim != vis["hidden_size"]:
     raise ValueError(f"Text projection_size {embed_dim} != vision hidden_size "
                      f"{vis['hidden_size']}: not a SigLIP two-tower.")
-  return dict(
+  kwargs = dict(
       image=dict(width=vis["hidden_size"], depth=vis["num_hidden_layers"],
                  mlp_dim=vis["intermediate_size"],
                  num_heads=vis["num_attention_heads"],
@@ -153,6 +157,7 @@ def twotower_kwargs_from_hf_config(hf_config) -> Dict[str, Any]:
       temperature_init=math.log(10.),
       bias_init=-10.,
   )
+  return common.with_scan_kwarg(kwargs, scan_layers)
 
 
 def hf_siglip_config(model_kwargs: Mapping[str, Any], image_size: int) -> Dict[str, Any]:

@@ -95,6 +95,7 @@ class AttentionPooler(nn.Module):
   num_heads: int
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  attention_impl: str = "auto"
 
   @nn.compact
   def __call__(self, tokens: jax.Array) -> jax.Array:
@@ -105,7 +106,7 @@ class AttentionPooler(nn.Module):
         (self.num_queries, width), self.param_dtype)
     queries = jnp.broadcast_to(queries.astype(self.dtype), (batch, self.num_queries, width))
     x = layers.MultiHeadAttention(self.num_heads, self.dtype, self.param_dtype,
-                                  name="attention")(queries, tokens)
+                                  self.attention_impl, name="attention")(queries, tokens)
     return layers.layer_norm("norm", self.param_dtype)(x).astype(self.dtype)
 
 
@@ -114,7 +115,9 @@ class CoCa(nn.Module):
 
   `image`: ViT kwargs (pool_type is forced to 'none': the poolers here replace the ViT's).
   `text`: see TEXT_DEFAULTS. `temperature_init` / `bias_init` as in TwoTower, so the
-  softmax (CLIP, CoCa's choice) and sigmoid (SigLIP) losses both apply.
+  softmax (CLIP, CoCa's choice) and sigmoid (SigLIP) losses both apply. `scan_layers` scans
+  the two text decoders (`DecoderStack`s) only; `image.scan_layers=True` scans the ViT's
+  encoder blocks.
   """
   image: Optional[Mapping[str, Any]] = None
   text: Optional[Mapping[str, Any]] = None
@@ -126,10 +129,11 @@ class CoCa(nn.Module):
   param_dtype: Any = jnp.float32
   remat_policy: str = "none"
   scan_layers: bool = False
+  attention_impl: str = "auto"
 
   def _image_kwargs(self) -> Dict[str, Any]:
     kwargs = dict(dtype=self.dtype, param_dtype=self.param_dtype,
-                  remat_policy=self.remat_policy)
+                  remat_policy=self.remat_policy, attention_impl=self.attention_impl)
     kwargs.update(self.image or {})
     for key, wanted in (("pool_type", "none"), ("head_dim_out", None)):
       if kwargs.get(key, wanted) != wanted:
@@ -145,7 +149,7 @@ class CoCa(nn.Module):
         num_kv_heads=t["num_kv_heads"], head_dim=t["head_dim"], activation=t["activation"],
         norm_eps=t["norm_eps"], rope_theta=t["rope_theta"], cross_attention=cross_attention,
         scan_layers=self.scan_layers, dtype=self.dtype, param_dtype=self.param_dtype,
-        remat_policy=self.remat_policy, **module_kwargs)
+        remat_policy=self.remat_policy, attention_impl=self.attention_impl, **module_kwargs)
 
   @property
   def settings(self) -> Dict[str, Any]:
@@ -171,10 +175,12 @@ class CoCa(nn.Module):
     embed_dim = self.embed_dim or width
 
     self.img = ViT(**image_kwargs)
-    self.img_pooler = AttentionPooler(1, image_heads, self.dtype, self.param_dtype)
+    self.img_pooler = AttentionPooler(1, image_heads, self.dtype, self.param_dtype,
+                                      self.attention_impl)
     if self.num_caption_queries:
       self.img_caption_pooler = AttentionPooler(self.num_caption_queries, image_heads,
-                                                self.dtype, self.param_dtype)
+                                                self.dtype, self.param_dtype,
+                                                self.attention_impl)
     self.img_proj = layers.projection(embed_dim, "img_proj", self.dtype, self.param_dtype)
 
     self.txt_embedding = nn.Embed(

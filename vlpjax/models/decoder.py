@@ -21,10 +21,10 @@ from typing import Any, Callable, Dict, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import linen as nn
 
 from vlpjax.data import packing
+from vlpjax.models import attention
 from vlpjax.models import layers
 from vlpjax.registry import unknown_name_message
 
@@ -33,9 +33,6 @@ Dtype = Any
 Cache = Any
 
 ACT_KV_HEADS = ("act_batch", "act_length", "act_kv_heads", "act_kv")
-# Large but finite: a row whose keys are all masked (padding) gets uniform weights instead
-# of NaN; exp(mask - max) underflows to exactly 0 whenever some key is visible.
-_MASK_VALUE = float(np.finfo(np.float32).min)
 
 ACTIVATIONS: Dict[str, Callable[[Array], Array]] = {
     "silu": nn.silu,                                        # Llama `silu`
@@ -158,7 +155,8 @@ class Attention(nn.Module):
 
   Kernels: q `(embed, heads, kv)`, k/v `(embed, kv_heads, kv)`, o `(heads, kv, embed)`.
   Self-attention applies RoPE to q and k (and may use a KV cache); cross-attention
-  (`inputs_kv` given) uses neither. Logits and softmax in f32.
+  (`inputs_kv` given) uses neither. Logits and softmax in f32; `attention_impl` picks the
+  kernel (`vlpjax.models.attention`; activations stay [B, L, heads, kv] for all of them).
   """
   num_heads: int
   num_kv_heads: int
@@ -168,6 +166,7 @@ class Attention(nn.Module):
   lora_alpha: float = 16.0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  attention_impl: str = "auto"
 
   def _dense(self, features, in_names, out_names, name):
     return LoraDense(features, in_names, out_names, self.lora_rank, self.lora_alpha,
@@ -204,18 +203,10 @@ class Attention(nn.Module):
       k = layers.constrain(k, ACT_KV_HEADS)
       v = layers.constrain(v, ACT_KV_HEADS)
 
-    # Each kv head serves num_heads / num_kv_heads consecutive query heads (HF repeat_kv);
-    # repeating lets the product use the `heads` layout of q.
-    groups = self.num_heads // self.num_kv_heads
-    if groups > 1:
-      k = jnp.repeat(k, groups, axis=2)
-      v = jnp.repeat(v, groups, axis=2)
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
-    logits = logits * (self.head_dim ** -0.5)
-    if mask is not None:
-      logits = jnp.where(mask, logits, _MASK_VALUE)
-    weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-    attended = jnp.einsum("bhqk,bkhd->bqhd", weights, v.astype(self.dtype))
+    # Grouped-query k/v go in as they are: each kv head serves num_heads / num_kv_heads
+    # consecutive query heads (HF repeat_kv). The scale is on the f32 logits, as in HF.
+    attended = attention.attend(q, k, v, mask, impl=self.attention_impl, dtype=self.dtype,
+                                heads_first=False, logits_scale=self.head_dim ** -0.5)
     attended = layers.constrain(attended, layers.ACT_HEADS)
     out = self._dense((width,), ("heads", "kv"), ("embed",), "o_proj")(attended)
     return out, new_cache
@@ -263,13 +254,15 @@ class DecoderBlock(nn.Module):
   lora_alpha: float = 16.0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  attention_impl: str = "auto"
 
   def _norm(self, name):
     return RMSNorm(self.norm_eps, self.norm_offset, self.param_dtype, name=name)
 
   def _attention(self, name):
     return Attention(self.num_heads, self.num_kv_heads, self.head_dim, self.rope_theta,
-                     self.lora_rank, self.lora_alpha, self.dtype, self.param_dtype, name=name)
+                     self.lora_rank, self.lora_alpha, self.dtype, self.param_dtype,
+                     self.attention_impl, name=name)
 
   @nn.compact
   def __call__(self, x, cache, positions, mask, cache_index, encoded, encoded_mask):
@@ -316,6 +309,7 @@ class DecoderStack(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   remat_policy: str = "none"
+  attention_impl: str = "auto"
 
   @nn.nowrap
   def _dims(self, width: int) -> Tuple[int, int]:
@@ -388,7 +382,8 @@ class DecoderStack(nn.Module):
         head_dim=head_dim, activation=self.activation, norm_eps=self.norm_eps,
         norm_offset=self.norm_offset, rope_theta=self.rope_theta,
         cross_attention=self.cross_attention, lora_rank=self.lora_rank,
-        lora_alpha=self.lora_alpha, dtype=self.dtype, param_dtype=self.param_dtype)
+        lora_alpha=self.lora_alpha, dtype=self.dtype, param_dtype=self.param_dtype,
+        attention_impl=self.attention_impl)
     block_cls = layers.remat_block(DecoderBlock, self.remat_policy)
     x = x.astype(self.dtype)
     broadcast_args = (positions, mask, cache_index, encoded, encoded_mask)
@@ -435,6 +430,7 @@ class Decoder(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   remat_policy: str = "none"
+  attention_impl: str = "auto"
   embed_scale: bool = False
   tie_embeddings: bool = True
 
@@ -446,7 +442,8 @@ class Decoder(nn.Module):
         norm_eps=self.norm_eps, norm_offset=self.norm_offset, rope_theta=self.rope_theta,
         cross_attention=self.cross_attention, scan_layers=self.scan_layers,
         lora_rank=self.lora_rank, lora_alpha=self.lora_alpha, dtype=self.dtype,
-        param_dtype=self.param_dtype, remat_policy=self.remat_policy)
+        param_dtype=self.param_dtype, remat_policy=self.remat_policy,
+        attention_impl=self.attention_impl)
 
   def setup(self):
     # f32 module dtype: `attend` (tied logits) then runs in f32; `embed` casts its output.

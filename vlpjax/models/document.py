@@ -62,7 +62,8 @@ class DocumentModel(vlm_lib.VLM):
 
   Param tree: the VLM's (`img`, `projector`, `llm`) plus `layout` (`LayoutEmbedding` at the
   LM's width), so every VLM method (cached captioning, `embed_tokens`, `run_llm`) runs on
-  these params unchanged; they see no layout, which is what an all-zero box means.
+  these params unchanged; they see no layout, which is what an all-zero box means. As in the
+  VLM, `scan_layers` scans the LM and `image.scan_layers=True` the ViT's encoder blocks.
   """
   layout_bins: int = 128
 

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from vlpjax.models import attention
 from vlpjax.registry import unknown_name_message
 
 Dtype = Any
@@ -96,11 +97,13 @@ class HeadProjection(nn.Module):
   `with_logical_partitioning` names for >2-D kernels as soon as a mesh is set. Heads-first is what the attention matmuls want: their batch dims
   (batch, heads) lead, so no transpose is needed between the projections and them. On CPU
   the [B, L, heads, kv] layout cost about 10% of a ViT-B block's step time in transposes.
+  `heads_first=False` writes [B, L, heads, kv], the layout fused attention kernels take.
   """
   num_heads: int
   head_dim: int
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  heads_first: bool = True
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
@@ -111,29 +114,32 @@ class HeadProjection(nn.Module):
     bias = self.param("bias", partitioned(_BIAS_INIT, ("heads", "kv")), shape[1:],
                       self.param_dtype)
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-    y = jnp.einsum("...ld,dhk->...hlk", x, kernel)
-    return y + bias[:, None, :]
+    if self.heads_first:
+      return jnp.einsum("...ld,dhk->...hlk", x, kernel) + bias[:, None, :]
+    return jnp.einsum("...ld,dhk->...lhk", x, kernel) + bias
 
 
 class HeadMerge(nn.Module):
   """[B, heads, L, head_dim] -> [B, L, D]: the output projection, contracting heads and kv.
 
-  Kernel `(heads, kv, embed)` and bias `(embed,)`.
+  Kernel `(heads, kv, embed)` and bias `(embed,)`. `heads_first=False` takes [B, L, heads, kv].
   """
   features: int
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  heads_first: bool = True
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    num_heads, head_dim = x.shape[-3], x.shape[-1]
+    num_heads, head_dim = x.shape[-3 if self.heads_first else -2], x.shape[-1]
     init = nn.initializers.xavier_uniform(in_axis=(0, 1), out_axis=2)
     kernel = self.param("kernel", partitioned(init, ("heads", "kv", "embed")),
                         (num_heads, head_dim, self.features), self.param_dtype)
     bias = self.param("bias", partitioned(_BIAS_INIT, ("embed",)), (self.features,),
                       self.param_dtype)
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-    return jnp.einsum("...hld,hdf->...lf", x, kernel) + bias
+    spec = "...hld,hdf->...lf" if self.heads_first else "...lhd,hdf->...lf"
+    return jnp.einsum(spec, x, kernel) + bias
 
 
 class MultiHeadAttention(nn.Module):
@@ -141,12 +147,15 @@ class MultiHeadAttention(nn.Module):
 
   Kernels: q/k/v `(embed, heads, kv)`, out `(heads, kv, embed)`; an HF
   `Linear(E, E)` weight `W` maps to `W.T.reshape(E, heads, kv)` (q/k/v) and
-  `W.T.reshape(heads, kv, E)` (out). Softmax runs in f32. Activations between the
-  projections are heads-first, [B, heads, L, kv] (see `HeadProjection`).
+  `W.T.reshape(heads, kv, E)` (out). Softmax runs in f32. `attention_impl` picks the kernel
+  (`vlpjax.models.attention`); with "einsum" the activations between the projections are
+  heads-first, [B, heads, L, kv] (see `HeadProjection`), else [B, L, heads, kv]. The params are
+  the same either way.
   """
   num_heads: int
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  attention_impl: str = "auto"
 
   @nn.compact
   def __call__(self, inputs_q: Array, inputs_kv: Optional[Array] = None,
@@ -167,25 +176,24 @@ class MultiHeadAttention(nn.Module):
     if width % self.num_heads:
       raise ValueError(f"Width {width} is not divisible by {self.num_heads} heads.")
     head_dim = width // self.num_heads
+    heads_first = attention.uses_heads_first(self.attention_impl, self.dtype)
+    act_names = ACT_HEADS_FIRST if heads_first else ACT_HEADS
 
     def project(x, name):
-      y = HeadProjection(self.num_heads, head_dim, self.dtype, self.param_dtype, name=name)(x)
-      return constrain(y, ACT_HEADS_FIRST)
+      y = HeadProjection(self.num_heads, head_dim, self.dtype, self.param_dtype, heads_first,
+                         name=name)(x)
+      return constrain(y, act_names)
 
     # The 1/sqrt(head_dim) scale goes on q ([B, h, Lq, kv]), not on the logits
     # ([B, h, Lq, Lk]): the same result for less elementwise work when Lk > kv.
     q = project(inputs_q, "q_proj") * jnp.asarray(head_dim ** -0.5, self.dtype)
     k = project(inputs_kv, "k_proj")
     v = project(inputs_kv, "v_proj")
-
-    # f32 accumulation and softmax: bf16 logits lose the small differences
-    # that decide where attention goes.
-    logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
-    if mask is not None:
-      logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-    weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-    attended = constrain(jnp.einsum("bhqk,bhkd->bhqd", weights, v), ACT_HEADS_FIRST)
-    return HeadMerge(width, self.dtype, self.param_dtype, name="out_proj")(attended)
+    attended = attention.attend(q, k, v, mask, impl=self.attention_impl, dtype=self.dtype,
+                                heads_first=heads_first)
+    attended = constrain(attended, act_names)
+    return HeadMerge(width, self.dtype, self.param_dtype, heads_first,
+                     name="out_proj")(attended)
 
 
 class EncoderBlock(nn.Module):
@@ -194,12 +202,13 @@ class EncoderBlock(nn.Module):
   num_heads: int
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  attention_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: Array, mask: Optional[Array] = None) -> Array:
     x = constrain(x, ACT_TOKENS)
     y = layer_norm("layer_norm1", self.param_dtype)(x).astype(self.dtype)
-    y = MultiHeadAttention(self.num_heads, self.dtype, self.param_dtype,
+    y = MultiHeadAttention(self.num_heads, self.dtype, self.param_dtype, self.attention_impl,
                            name="self_attn")(y, mask=mask)
     x = x + y
     y = layer_norm("layer_norm2", self.param_dtype)(x).astype(self.dtype)
@@ -232,22 +241,52 @@ def remat_block(block_cls, remat_policy: str):
 
 
 class Encoder(nn.Module):
-  """`depth` encoder blocks (`layers_0`, ...) and a final LayerNorm."""
+  """`depth` encoder blocks and a final LayerNorm `encoder_norm`.
+
+  The blocks are `layers_0` ... `layers_{depth-1}`, or with `scan_layers` one module
+  `scanned` that `nn.scan` runs `depth` times: its params carry a leading `layers` axis of
+  size `depth` (block i is `leaf[i]`; `vlpjax.models.scan_util` converts between the two
+  layouts). Scanning compiles one block instead of `depth`, which matters for deep towers;
+  the function is the same (up to float rounding: XLA fuses the loop differently). The mask
+  is the same for every block (broadcast), and `remat_policy` applies to each block either
+  way.
+  """
   depth: int
   mlp_dim: int
   num_heads: int
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   remat_policy: str = "none"
+  scan_layers: bool = False
+  attention_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: Array, mask: Optional[Array] = None) -> Array:
     block_cls = remat_block(EncoderBlock, self.remat_policy)
     x = x.astype(self.dtype)
-    for i in range(self.depth):
-      x = block_cls(self.mlp_dim, self.num_heads, self.dtype, self.param_dtype,
-                    name=f"layers_{i}")(x, mask)
+    if self.scan_layers:
+      x = self._scanned_blocks(block_cls, x, mask)
+    else:
+      for i in range(self.depth):
+        x = block_cls(self.mlp_dim, self.num_heads, self.dtype, self.param_dtype,
+                      self.attention_impl, name=f"layers_{i}")(x, mask)
     return layer_norm("encoder_norm", self.param_dtype)(x).astype(self.dtype)
+
+  def _scanned_blocks(self, block_cls, x: Array, mask: Optional[Array]) -> Array:
+    """The `depth` blocks as one `nn.scan` over a module named `scanned`."""
+
+    def body(block, carry, block_mask):
+      # nn.scan wants (carry, per-step output); the blocks have only a carry.
+      return block(carry, block_mask), None
+
+    scan = nn.scan(
+        body, variable_axes={"params": 0}, split_rngs={"params": True},
+        in_axes=nn.broadcast, length=self.depth,
+        metadata_params={nn.PARTITION_NAME: "layers"})
+    block = block_cls(self.mlp_dim, self.num_heads, self.dtype, self.param_dtype,
+                      self.attention_impl, name="scanned")
+    x, _ = scan(block, x, mask)
+    return x
 
 
 class MAPHead(nn.Module):
@@ -259,6 +298,7 @@ class MAPHead(nn.Module):
   mlp_dim: int
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  attention_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
@@ -267,7 +307,7 @@ class MAPHead(nn.Module):
         "probe", partitioned(_KERNEL_INIT, (None, None, "embed")),
         (1, 1, width), self.param_dtype)
     probe = jnp.broadcast_to(probe, (batch, 1, width)).astype(self.dtype)
-    x = MultiHeadAttention(self.num_heads, self.dtype, self.param_dtype,
+    x = MultiHeadAttention(self.num_heads, self.dtype, self.param_dtype, self.attention_impl,
                            name="attention")(probe, x)
     y = layer_norm("layernorm", self.param_dtype)(x).astype(self.dtype)
     x = x + MlpBlock(self.mlp_dim, self.dtype, self.param_dtype, name="mlp")(y)

@@ -29,6 +29,9 @@ class TextEncoder(nn.Module):
   earlier ones (CLIP's text transformer; with 'eos' pooling the EOS token then summarises the
   text before it, and padding after it changes nothing); `head_bias=False` drops the bias of
   `head` (CLIP's `text_projection`).
+
+  `scan_layers=True` runs the encoder blocks as one `nn.scan` (params under
+  `encoder/scanned` with a leading `layers` axis instead of `encoder/layers_{i}`).
   """
   variant: Optional[str] = None
   vocab_size: int = 32_000
@@ -45,6 +48,8 @@ class TextEncoder(nn.Module):
   remat_policy: str = "none"
   causal: bool = False
   head_bias: bool = True
+  scan_layers: bool = False
+  attention_impl: str = "auto"
 
   @property
   def dims(self) -> Dict[str, int]:
@@ -79,7 +84,8 @@ class TextEncoder(nn.Module):
     mask = jnp.tril(jnp.ones((length, length), bool))[None, None] if self.causal else None
     tokens = layers.Encoder(
         dims["depth"], dims["mlp_dim"], dims["num_heads"], self.dtype,
-        self.param_dtype, self.remat_policy, name="encoder")(x, mask)
+        self.param_dtype, self.remat_policy, scan_layers=self.scan_layers,
+        attention_impl=self.attention_impl, name="encoder")(x, mask)
 
     if self.pool_type == "last":
       pooled = tokens[:, -1]

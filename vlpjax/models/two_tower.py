@@ -24,8 +24,9 @@ def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
 class TwoTower(nn.Module):
   """Image tower `img` and text tower `txt` embedding into one space.
 
-  `image` / `text` are ViT / TextEncoder kwargs. `dtype`, `param_dtype` and
-  `remat_policy` reach both towers unless a tower's kwargs set them itself.
+  `image` / `text` are ViT / TextEncoder kwargs. `dtype`, `param_dtype`, `remat_policy`,
+  `scan_layers` (run each tower's encoder blocks as one `nn.scan`) and `attention_impl`
+  (`vlpjax.models.attention`) reach both towers unless a tower's kwargs set them itself.
   The text head outputs `embed_dim` (default: the image width); the image tower
   gets a linear projection only when its width differs from `embed_dim`
   (SigLIP has none).
@@ -38,10 +39,13 @@ class TwoTower(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   remat_policy: str = "none"
+  scan_layers: bool = False
+  attention_impl: str = "auto"
 
   def _tower_kwargs(self, kwargs: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
     shared = dict(dtype=self.dtype, param_dtype=self.param_dtype,
-                  remat_policy=self.remat_policy)
+                  remat_policy=self.remat_policy, scan_layers=self.scan_layers,
+                  attention_impl=self.attention_impl)
     return {**shared, **dict(kwargs or {})}
 
   def setup(self):

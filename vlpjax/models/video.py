@@ -35,7 +35,7 @@ from vlpjax.models.vit import ViT
 
 Array = jax.Array
 ARCHITECTURES = ("prefix_lm", "encoder_decoder")
-TEMPORAL_KEYS = ("width", "depth", "mlp_dim", "num_heads", "time_positions")
+TEMPORAL_KEYS = ("width", "depth", "mlp_dim", "num_heads", "time_positions", "scan_layers")
 # Outputs of the grounding head per frame, in this order.
 HEAD_OUTPUTS = ("foreground", "saliency", "start_offset", "end_offset")
 
@@ -61,7 +61,10 @@ def rank_times(image_segment_ids: Array) -> Array:
 
 
 class TemporalEncoder(nn.Module):
-  """Frame tokens [B, N, T, D] of packed videos -> the same, mixed over each video's frames."""
+  """Frame tokens [B, N, T, D] of packed videos -> the same, mixed over each video's frames.
+
+  `scan_layers=True` runs the encoder blocks as one `nn.scan` (`layers.Encoder`).
+  """
   depth: int
   mlp_dim: int
   num_heads: int
@@ -69,6 +72,8 @@ class TemporalEncoder(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   remat_policy: str = "none"
+  scan_layers: bool = False
+  attention_impl: str = "auto"
 
   @nn.compact
   def __call__(self, tokens: Array, times: Array, segment_ids: Array) -> Array:
@@ -84,7 +89,8 @@ class TemporalEncoder(nn.Module):
     seg = jnp.repeat(segment_ids, per_frame, axis=1)
     mask = (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] != 0)
     x = layers.Encoder(self.depth, self.mlp_dim, self.num_heads, self.dtype, self.param_dtype,
-                       self.remat_policy, name="encoder")(x, mask[:, None])
+                       self.remat_policy, scan_layers=self.scan_layers,
+                       attention_impl=self.attention_impl, name="encoder")(x, mask[:, None])
     return x.reshape(tokens.shape)
 
 
@@ -116,8 +122,10 @@ class VideoModel(vlm_lib.VLM):
 
   `image`: ViT kwargs (default `pool_type="gap"`: one token per frame; "none" keeps every
   patch). `temporal`: `TEMPORAL_KEYS` (`width` only with `frame_feature_dim`; defaults depth 2,
-  the ViT's heads and mlp_dim, 100 time positions). `frame_feature_dim` > 0: the images are
-  feature vectors of that size and there is no ViT.
+  the ViT's heads and mlp_dim, 100 time positions, no scan). `frame_feature_dim` > 0: the
+  images are feature vectors of that size and there is no ViT. As in the VLM, `scan_layers`
+  scans the LM only; `image.scan_layers` / `temporal.scan_layers` scan the ViT's / the
+  temporal encoder's blocks.
   """
   architecture: str = "prefix_lm"
   temporal: Optional[Mapping[str, Any]] = None
@@ -162,7 +170,8 @@ class VideoModel(vlm_lib.VLM):
     return dict(width=given.get("width", dims.get("width")), depth=given.get("depth", 2),
                 mlp_dim=given.get("mlp_dim", dims.get("mlp_dim")),
                 num_heads=given.get("num_heads", dims.get("num_heads")),
-                time_positions=given.get("time_positions", 100))
+                time_positions=given.get("time_positions", 100),
+                scan_layers=bool(given.get("scan_layers", False)))
 
   @nn.nowrap
   def num_image_tokens(self, image_size: int) -> int:
@@ -195,7 +204,8 @@ class VideoModel(vlm_lib.VLM):
       self.img = ViT(**self.image_kwargs())
     self.temporal_encoder = TemporalEncoder(
         temporal["depth"], temporal["mlp_dim"], temporal["num_heads"],
-        temporal["time_positions"], self.dtype, self.param_dtype, self.remat_policy)
+        temporal["time_positions"], self.dtype, self.param_dtype, self.remat_policy,
+        scan_layers=temporal["scan_layers"], attention_impl=self.attention_impl)
     self.llm_module = vlm_lib.Decoder(**self.llm_kwargs(), name="llm")
     self.projector_module = vlm_lib.Projector(self.llm_module.width, self.projector, self.dtype,
                                               self.param_dtype, name="projector")

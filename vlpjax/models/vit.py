@@ -112,6 +112,10 @@ class ViT(nn.Module):
   CLIP options (off by default, so SigLIP-style trees are unchanged): `pre_norm` adds a
   LayerNorm `pre_layernorm` on the tokens (class token included) before the encoder, CLIP's
   `pre_layrnorm`; `proj_bias=False` drops the bias of `proj` (CLIP's `visual_projection`).
+
+  `scan_layers=True` runs the encoder blocks as one `nn.scan` (`layers.Encoder`): their
+  params move from `encoder/layers_{i}` to `encoder/scanned`, stacked on a leading `layers`
+  axis; the function computed is the same.
   """
   variant: Optional[str] = None
   width: Optional[int] = None
@@ -128,6 +132,8 @@ class ViT(nn.Module):
   patch_dropout: float = 0.0
   pre_norm: bool = False
   proj_bias: bool = True
+  scan_layers: bool = False
+  attention_impl: str = "auto"
 
   @property
   def dims(self) -> Dict[str, int]:
@@ -185,7 +191,8 @@ class ViT(nn.Module):
 
     tokens = layers.Encoder(
         dims["depth"], dims["mlp_dim"], dims["num_heads"], self.dtype,
-        self.param_dtype, self.remat_policy, name="encoder")(x)
+        self.param_dtype, self.remat_policy, scan_layers=self.scan_layers,
+        attention_impl=self.attention_impl, name="encoder")(x)
     aux = {"tokens": tokens}
     if kept_indices is not None:
       aux["kept_indices"] = kept_indices
@@ -194,7 +201,7 @@ class ViT(nn.Module):
 
     if self.pool_type == "map":
       pooled = layers.MAPHead(dims["num_heads"], dims["mlp_dim"], self.dtype,
-                              self.param_dtype, name="head")(tokens)
+                              self.param_dtype, self.attention_impl, name="head")(tokens)
     elif self.pool_type == "gap":
       pooled = jnp.mean(tokens, axis=1)
     else:  # "tok"

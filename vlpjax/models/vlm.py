@@ -90,8 +90,9 @@ class VLM(nn.Module):
   """Images + packed prefix-LM token rows -> next-token logits.
 
   `image`: ViT kwargs (pooling is forced to "none": the LM reads every patch token).
-  `llm`: `Decoder` kwargs. `dtype`, `param_dtype` and `remat_policy` reach both unless their
-  kwargs set them; `scan_layers` reaches the LM.
+  `llm`: `Decoder` kwargs. `dtype`, `param_dtype`, `remat_policy` and `attention_impl` reach
+  both unless their kwargs set them; `scan_layers` reaches the LM only (scan the ViT's encoder blocks with
+  `image.scan_layers=True`).
   """
   image: Optional[Mapping[str, Any]] = None
   llm: Optional[Mapping[str, Any]] = None
@@ -101,11 +102,12 @@ class VLM(nn.Module):
   param_dtype: Any = jnp.float32
   remat_policy: str = "none"
   scan_layers: bool = False
+  attention_impl: str = "auto"
 
   @nn.nowrap
   def _shared(self) -> Dict[str, Any]:
     return dict(dtype=self.dtype, param_dtype=self.param_dtype,
-                remat_policy=self.remat_policy)
+                remat_policy=self.remat_policy, attention_impl=self.attention_impl)
 
   @nn.nowrap
   def image_kwargs(self) -> Dict[str, Any]:

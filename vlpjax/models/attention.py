@@ -1,0 +1,110 @@
+"""Scaled dot-product attention with a choice of implementation (`config.attention_impl`).
+
+- "einsum": two einsums around an f32 softmax, written here. Works everywhere; on CPU it is the
+  fastest (with the heads-first [B, heads, L, kv] layout the batched matmuls need no transposes).
+- "xla": `jax.nn.dot_product_attention(implementation="xla")`, JAX's own reference path
+  ([B, L, heads, kv] layout).
+- "cudnn": `jax.nn.dot_product_attention(implementation="cudnn")`, cuDNN's fused (flash)
+  attention: GPU only, bf16/fp16 only; never materialises the [L, L] logits in HBM.
+- "auto" (the default): "cudnn" on GPU when the compute dtype allows it, "einsum" elsewhere.
+  TPUs get "einsum" too: XLA:TPU fuses the softmax into the matmuls itself.
+
+Every implementation takes q either already scaled by 1/sqrt(head_dim) (cheaper than scaling
+the [Lq, Lk] logits when Lk > head_dim; the encoders do this) or with a `logits_scale` to apply
+to the logits in f32 (the LM decoder, as Hugging Face Llama/Gemma do, so imported LMs keep their
+numerics), a boolean `mask` broadcastable to [B, heads, Lq, Lk]
+(True = may attend), and computes the logits and softmax in f32. A query whose keys are all
+masked gets uniform weights (a large finite negative, not -inf), never NaN.
+"""
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vlpjax.registry import unknown_name_message
+
+Array = jax.Array
+
+IMPLEMENTATIONS = ("auto", "einsum", "xla", "cudnn")
+_CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
+# Large but finite: a row whose keys are all masked (padding) gets uniform weights instead of
+# NaN; exp(mask - max) underflows to exactly 0 whenever some key is visible.
+MASK_VALUE = float(np.finfo(np.float32).min)
+
+
+def resolve(impl: str, dtype: Any, backend: Optional[str] = None) -> str:
+  """The implementation `impl` names for compute `dtype` on `backend` (default: JAX's).
+
+  Fails fast, before anything is traced, when the choice cannot run here.
+  """
+  if impl not in IMPLEMENTATIONS:
+    raise ValueError(unknown_name_message("attention implementation (config.attention_impl)",
+                                          impl, IMPLEMENTATIONS))
+  backend = backend or jax.default_backend()
+  cudnn_dtype = jnp.dtype(dtype) in [jnp.dtype(d) for d in _CUDNN_DTYPES]
+  if impl == "auto":
+    return "cudnn" if backend == "gpu" and cudnn_dtype else "einsum"
+  if impl == "cudnn":
+    if backend != "gpu":
+      raise ValueError(f"attention_impl='cudnn' needs a GPU, but JAX's backend is {backend!r}; "
+                       "use 'auto' (picks cuDNN on GPUs) or 'einsum'.")
+    if not cudnn_dtype:
+      raise ValueError(f"attention_impl='cudnn' needs compute_dtype bfloat16 or float16, not "
+                       f"{jnp.dtype(dtype).name}; use 'auto' or 'einsum' for {jnp.dtype(dtype).name}.")
+  return impl
+
+
+def uses_heads_first(impl: str, dtype: Any) -> bool:
+  """Whether `impl` wants q/k/v as [B, heads, L, kv] (einsum) rather than [B, L, heads, kv]."""
+  return resolve(impl, dtype) == "einsum"
+
+
+def attend(q: Array, k: Array, v: Array, mask: Optional[Array], *, impl: str, dtype: Any,
+           heads_first: bool, logits_scale: Optional[float] = None) -> Array:
+  """softmax(q k^T + mask) v over every head, in the layout of the inputs.
+
+  Args:
+    q: [B, heads, Lq, kv] if `heads_first` else [B, Lq, heads, kv], already scaled.
+    k, v: likewise with Lk and `kv_heads` heads; `heads` must be a multiple of `kv_heads`
+      (grouped-query attention: kv head j serves query heads j*g .. j*g+g-1, HF's repeat_kv).
+    mask: boolean, broadcastable to [B, heads, Lq, Lk]; None = attend everywhere.
+    impl: a name from IMPLEMENTATIONS.
+    dtype: the compute dtype (of the weights multiplying v and of the result).
+    heads_first: the layout of q, k, v and of the result; the fused implementations need
+      [B, L, heads, kv], so `heads_first=True` only goes with "einsum".
+    logits_scale: multiplies the f32 logits; None = q is already scaled.
+
+  Returns:
+    The attended values, shaped like q, in `dtype`.
+  """
+  impl = resolve(impl, dtype)
+  if heads_first and impl != "einsum":
+    raise ValueError(f"attention_impl={impl!r} takes [B, L, heads, kv] inputs, not heads-first.")
+  head_axis = 1 if heads_first else 2
+  groups = q.shape[head_axis] // k.shape[head_axis]
+  if impl == "einsum":
+    if groups > 1:
+      k = jnp.repeat(k, groups, axis=head_axis)
+      v = jnp.repeat(v, groups, axis=head_axis)
+    return _einsum_attention(q, k, v, mask, dtype, heads_first, logits_scale)
+  if mask is not None:
+    mask = jnp.broadcast_to(mask, mask.shape[:-2] + (q.shape[1], k.shape[1]))
+  # The fused paths take grouped k/v as they are, and scale the logits themselves.
+  scale = 1.0 if logits_scale is None else logits_scale
+  out = jax.nn.dot_product_attention(q.astype(dtype), k.astype(dtype), v.astype(dtype),
+                                     mask=mask, scale=scale, implementation=impl)
+  return out.astype(dtype)
+
+
+def _einsum_attention(q, k, v, mask, dtype, heads_first: bool, logits_scale) -> Array:
+  q_spec, k_spec = ("bhqd", "bhkd") if heads_first else ("bqhd", "bkhd")
+  # f32 accumulation and softmax: bf16 logits lose the small differences that decide where
+  # attention goes.
+  logits = jnp.einsum(f"{q_spec},{k_spec}->bhqk", q, k, preferred_element_type=jnp.float32)
+  if logits_scale is not None:
+    logits = logits * logits_scale
+  if mask is not None:
+    logits = jnp.where(mask, logits, MASK_VALUE)
+  weights = jax.nn.softmax(logits, axis=-1).astype(dtype)
+  return jnp.einsum(f"bhqk,{k_spec}->{q_spec}", weights, v.astype(dtype))
