@@ -10,7 +10,7 @@ import tensorflow as tf
 
 from vlpjax import prefetch
 from vlpjax import trainer
-from tests.test_trainer import make_config
+from tests.test_trainer import make_config, write_records_with_a_bad_one
 
 # Generous bound for a thread to finish once told to stop. Not a speed assertion: close()
 # must end the thread at all (a hang would make the join time out and the test fail).
@@ -203,27 +203,10 @@ def test_trainer_with_and_without_prefetch_is_the_same_run(tmp_path):
   assert [m["data/examples/shapes_captions"] for m in metrics_2] == [16, 32, 48]
 
 
-def _write_records_with_a_bad_one(path, bad_index):
-  from vlpjax.data import shapes  # pylint: disable=g-import-not-at-top
-  with tf.io.TFRecordWriter(path) as writer:
-    for i in range(48):
-      record = shapes.generate_example("train", i, image_size=16)
-      if i == bad_index:
-        record = dict(record, id=f"user/bad-{i}", image=b"not an image")
-      feature = {
-          "image": tf.train.Feature(bytes_list=tf.train.BytesList(value=[record["image"]])),
-          "caption": tf.train.Feature(bytes_list=tf.train.BytesList(
-              value=[record["caption"].encode()])),
-          "id": tf.train.Feature(bytes_list=tf.train.BytesList(value=[record["id"].encode()])),
-      }
-      writer.write(tf.train.Example(features=tf.train.Features(feature=feature))
-                   .SerializeToString())
-
-
 def test_input_error_names_the_step_with_prefetch(tmp_path):
   # Unshuffled, batches of 16: record 20 is in the second batch, read ahead while step 1 runs.
   path = str(tmp_path / "bad.tfrecord")
-  _write_records_with_a_bad_one(path, bad_index=20)
+  write_records_with_a_bad_one(path, count=48, bad_index=20)
   overrides = ["input.task=prefetch_bad_tfrecord", f"input.files={{'train': '{path}'}}",
                "input.pp=resize(16)|value_range(-1, 1)", "input.shuffle_buffer=1"]
   messages = {}

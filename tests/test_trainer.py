@@ -191,15 +191,15 @@ def test_trains_from_tfrecord_files_named_in_the_config(tmp_path):
   assert len(losses) == 2 and all(np.isfinite(losses))
 
 
-def test_corrupt_record_stops_with_its_id_and_step(tmp_path):
+def write_records_with_a_bad_one(path: str, count: int, bad_index: int) -> None:
+  """`count` shapes records (16 px) as TFRecords; record `bad_index` (id user/bad-N) is no image."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from vlpjax.data import shapes  # pylint: disable=g-import-not-at-top
-  path = str(tmp_path / "bad.tfrecord")
   with tf.io.TFRecordWriter(path) as writer:
-    for i in range(32):
+    for i in range(count):
       record = shapes.generate_example("train", i, image_size=16)
-      if i == 5:
-        record = dict(record, id="user/bad-5", image=b"not an image")
+      if i == bad_index:
+        record = dict(record, id=f"user/bad-{i}", image=b"not an image")
       feature = {
           "image": tf.train.Feature(bytes_list=tf.train.BytesList(value=[record["image"]])),
           "caption": tf.train.Feature(bytes_list=tf.train.BytesList(
@@ -208,6 +208,11 @@ def test_corrupt_record_stops_with_its_id_and_step(tmp_path):
       }
       writer.write(tf.train.Example(features=tf.train.Features(feature=feature))
                    .SerializeToString())
+
+
+def test_corrupt_record_stops_with_its_id_and_step(tmp_path):
+  path = str(tmp_path / "bad.tfrecord")
+  write_records_with_a_bad_one(path, count=32, bad_index=5)
   config = make_config(arg="steps=2,batch=16,size=16,eval_every=0", overrides=[
       "input.task=user_bad_tfrecord", f"input.files={{'train': '{path}'}}",
       "input.pp=resize(16)|value_range(-1, 1)", "input.shuffle_buffer=1"])
