@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from vlpjax import config as config_lib
 from vlpjax import prefetch
 from vlpjax import trainer
 from tests.test_trainer import make_config, write_records_with_a_bad_one
@@ -148,6 +149,14 @@ def test_size_0_runs_no_thread():
 def test_negative_size_is_refused():
   with pytest.raises(ValueError, match="prefetch size"):
     prefetch.DevicePrefetch(iter(()), lambda i: i, -1)
+
+
+@pytest.mark.parametrize("value", [-1, True])
+def test_bad_config_value_names_the_key(value):
+  config = make_config(arg="steps=1,batch=16,size=16,eval_every=0")
+  config.input.prefetch_to_device = value
+  with pytest.raises(config_lib.ConfigError, match=r"config\.input\.prefetch_to_device"):
+    trainer._device_batches(config, None, iter(()))
 
 
 class _CountsFromReadPosition:
