@@ -245,9 +245,33 @@ def test_command_line_exits_1_when_the_step_needs_more_than_the_hbm(tmp_path, ca
   assert figures["total_gib"] == pytest.approx(figures["total_bytes"] / 2**30)
   assert figures["overrides"][0] == "model.image.width=32"
   assert (f"does not fit: needs {figures['total_gib']:.2f} GiB of 0.001 GiB per chip on "
-          "v5e-8; try --config.remat_policy=full (now 'none')") in printed
+          "v5e-8; try --config.remat_policy=full (now 'none'; --remat_sweep finds the "
+          "cheapest policy that fits)") in printed
   # 64 examples over 8 chips: 2 micro-batches of 32 still split 8 ways.
   assert "--config.grad_accum_steps=2" in printed and "--topology v5e-16" in printed
+
+
+@pytest.mark.usefixtures("libtpu")
+def test_remat_sweep_compiles_each_policy_in_order_until_one_fits(tmp_path, capsys):
+  argv = ["--config", f"{DEMO}:batch=64", "--topology", "v5e-8", "--remat_sweep"] + TINY
+  # Nothing fits 1 MiB: every policy is compiled, in order, and the verdict says so.
+  out = tmp_path / "all.json"
+  assert aot_compile.main(argv + ["--hbm_gib", "0.001", "--json", str(out)]) == 1
+  printed = capsys.readouterr().out
+  assert "does not fit with any remat policy: 0.001 GiB per chip on v5e-8; try " in printed
+  assert "remat_policy=full (now" not in printed   # remat is what was just tried
+  sweep = json.loads(out.read_text())
+  assert [r["remat_policy"] for r in sweep["remat_sweep"]] == list(aot_compile.REMAT_SWEEP)
+  assert sweep["cheapest_remat_policy_that_fits"] is None and not sweep["fits"]
+  # The recomputed forward passes show in the traced matmul FLOPs.
+  flops = [r["matmul_flops"] for r in sweep["remat_sweep"]]
+  assert flops[0] == flops[1] < flops[2] < flops[3]   # dots_saveable recomputes no matmul
+  # On the chip's own 16 GiB the first policy fits: one compile, and it is the verdict.
+  out = tmp_path / "none.json"
+  assert aot_compile.main(argv + ["--json", str(out)]) == 0
+  assert ("cheapest that fits: --config.remat_policy=none (the least recomputation tried)"
+          in capsys.readouterr().out)
+  assert [r["remat_policy"] for r in json.loads(out.read_text())["remat_sweep"]] == ["none"]
 
 
 @pytest.mark.usefixtures("libtpu")
@@ -286,3 +310,35 @@ def test_pod_configs_fit_v5p_256(spec):
   assert report.fits, aot_compile.summary(report, config)
   assert report.mesh == {"data": 1, "fsdp": 128, "tensor": 1}
   assert np.isfinite(report.matmul_flops) and report.matmul_flops > 1e15
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("libtpu")
+def test_remat_sweep_stops_at_the_first_policy_a_smaller_chip_holds(tmp_path, capsys):
+  # 256 px of 8 px patches (1024 tokens), 32 examples per chip, 2 blocks of width 128 per
+  # tower: activations dominate, so each policy that recomputes more needs less memory.
+  tower = [f"--config.model.{t}.{k}={v}" for t in ("image", "text")
+           for k, v in (("width", 128), ("depth", 2), ("mlp_dim", 256), ("num_heads", 2))]
+  argv = ["--config", f"{DEMO}:batch=256,size=128", "--topology", "v5e-8", "--remat_sweep",
+          "--config.model.embed_dim=128"] + tower
+  out = tmp_path / "all.json"
+  assert aot_compile.main(argv + ["--hbm_gib", "0.001", "--json", str(out)]) == 1
+  reports = json.loads(out.read_text())["remat_sweep"]
+  temps = [r["temp_bytes"] for r in reports]
+  flops = [r["matmul_flops"] for r in reports]
+  assert temps == sorted(temps, reverse=True) and temps[-1] < 0.6 * temps[0], temps
+  assert flops == sorted(flops) and flops[-1] > 1.1 * flops[0], flops
+  # A chip just too small for `none`: the sweep stops at the first policy that fits it.
+  hbm = (reports[0]["total_bytes"] - 1) / 2**30
+  expected = next(r["remat_policy"] for r in reports if r["total_bytes"] <= hbm * 2**30)
+  capsys.readouterr()
+  out = tmp_path / "fits.json"
+  assert aot_compile.main(argv + ["--hbm_gib", str(hbm), "--json", str(out)]) == 0
+  assert (f"cheapest that fits: --config.remat_policy={expected} (+"
+          in capsys.readouterr().out)
+  chosen = json.loads(out.read_text())
+  assert chosen["cheapest_remat_policy_that_fits"] == expected == chosen["remat_policy"]
+  tried = [r["remat_policy"] for r in chosen["remat_sweep"]]
+  assert tried == list(aot_compile.REMAT_SWEEP[:tried.index(expected) + 1])
+  # Compiling is deterministic: the policy's figures are those of the first sweep.
+  assert chosen["total_bytes"] == reports[tried.index(expected)]["total_bytes"]

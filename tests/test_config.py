@@ -94,6 +94,24 @@ def test_model_kwarg_typo_names_the_field():
     get_family(config)
 
 
+def test_overrides_may_add_keys_the_model_section_checks_when_it_builds():
+  from vlpjax.families import get_family  # pylint: disable=g-import-not-at-top
+  # The demo file sets neither key; the model accepts both (README's speed switches).
+  config = config_lib.finalize(config_lib.load(DEMO), [
+      "model.image.scan_layers=true", "model.text.scan_layers=False", "model.new.width=4"])
+  assert config.model.image.scan_layers is True and config.model.text.scan_layers is False
+  assert config.model.new.width == 4
+  with pytest.raises(config_lib.ConfigError, match=r"config\.model\.new is not a valid key"):
+    get_family(config)
+  config = config_lib.finalize(config_lib.load(DEMO), ["model.image.scan_layer=true"])
+  with pytest.raises(config_lib.ConfigError,
+                     match=r"config\.model\.image\.scan_layer .*did you mean 'scan_layers'"):
+    get_family(config)
+  # Outside the sections a consumer checks, a new key is still a typo.
+  with pytest.raises(config_lib.ConfigError, match=r"optim\.scan_layers"):
+    config_lib.finalize(config_lib.load(DEMO), ["optim.scan_layers=true"])
+
+
 def test_evaluator_typo_names_the_type_and_key():
   from vlpjax.evaluators import build_evaluators  # pylint: disable=g-import-not-at-top
   config = config_lib.finalize(config_lib.load(DEMO))

@@ -225,6 +225,7 @@ class Report:
   hbm_gib: float
   global_batch_size: int
   fits: bool
+  remat_policy: str = ""
   state_bytes: int = 0         # params + optimizer state held by one chip (from the shardings)
   replicated_bytes: int = 0    # the part of it every chip holds whole
   argument_bytes: int = 0
@@ -353,7 +354,8 @@ def compile_train_step(config, topo: Topology, slices: int = 1, *, spec: str = "
   report = Report(config=spec, topology=topo.name, topology_name=topo.topology_name,
                   device_kind=setup.mesh.devices.flat[0].device_kind, chips=topo.chips,
                   slices=slices, mesh=dict(setup.mesh.shape), hbm_gib=topo.hbm_gib,
-                  global_batch_size=config.global_batch_size, fits=True)
+                  global_batch_size=config.global_batch_size, fits=True,
+                  remat_policy=config.remat_policy)
   report.state_bytes, report.replicated_bytes = state_bytes_per_chip(setup)
   report.fsdp_tip = fsdp_divisor_tip(setup) or ""
   with sharding.logical_context(setup.mesh, config.sharding_rules):
@@ -380,15 +382,72 @@ def compile_train_step(config, topo: Topology, slices: int = 1, *, spec: str = "
   return report
 
 
+# From the least recomputation (the fastest step, the most memory) to the most: `none` keeps
+# every activation; `dots_saveable` keeps matmul outputs and recomputes the element-wise work
+# between them; `dots_with_no_batch_dims_saveable` keeps only the weight matmuls' outputs, so the
+# attention matmuls are recomputed too; `full` recomputes each block's whole forward pass.
+REMAT_SWEEP = ("none", "dots_saveable", "dots_with_no_batch_dims_saveable", "full")
+
+
+def sweep_remat(config, topo: Topology, slices: int = 1, *, spec: str = "",
+                policies: Sequence[str] = REMAT_SWEEP, log=None
+                ) -> Tuple[List[Report], Optional[str]]:
+  """Compiles the step under each remat policy, cheapest recomputation first, and stops at
+  the first that fits: (the reports of those tried, that policy or None).
+
+  `config` is not changed; each try compiles a copy with `remat_policy` set. `log` (e.g.
+  `print`) gets one line per policy as it finishes: a pod config takes minutes each.
+  """
+  reports = []
+  for policy in policies:
+    trial = config.copy_and_resolve_references()
+    trial.remat_policy = policy
+    report = compile_train_step(trial, topo, slices, spec=spec)
+    reports.append(report)
+    if log is not None:
+      log(_sweep_row(report, reports[0]))
+    if report.fits:
+      return reports, policy
+  return reports, None
+
+
+def _sweep_row(report: Report, first: Report) -> str:
+  if report.compiler_error:
+    memory = "compiler out of memory"
+  else:
+    memory = (f"{_gib(report.total_bytes):>8} GiB "
+              f"({report.total_bytes / (report.hbm_gib * GIB):4.0%} of HBM)")
+  extra = report.matmul_flops / first.matmul_flops - 1 if first.matmul_flops else 0.0
+  return (f"  {report.remat_policy:34s} {memory:30s} matmul FLOPs {report.matmul_flops:.3e} "
+          f"({extra:+.0%})  {'fits' if report.fits else 'does not fit'}  "
+          f"[{report.compile_seconds:.0f} s]")
+
+
+def sweep_conclusion(reports: List[Report], chosen: Optional[str], config=None) -> str:
+  """The sweep's verdict: the policy to use and what it costs, or what else to try."""
+  first, last = reports[0], reports[-1]
+  if chosen == first.remat_policy:
+    return f"cheapest that fits: --config.remat_policy={chosen} (the least recomputation tried)"
+  if chosen is not None:
+    extra = last.matmul_flops / first.matmul_flops - 1 if first.matmul_flops else 0.0
+    return (f"cheapest that fits: --config.remat_policy={chosen} ({extra:+.0%} matmul FLOPs "
+            f"per step against {first.remat_policy}, which does not fit)")
+  tips = (_suggestions(config, topology(last.topology, last.hbm_gib), last.mesh,
+                       last.fsdp_tip, remat=False) if config is not None else [])
+  return (f"does not fit with any remat policy: {last.hbm_gib:g} GiB per chip on "
+          f"{last.topology}" + (f"; try {'; or '.join(tips)}." if tips else "."))
+
+
 # ---------------------------------------------------------------------------------- report
 
 
-def _suggestions(config, topo: Topology, mesh: Dict[str, int], fsdp_tip: str = ""
-                 ) -> List[str]:
+def _suggestions(config, topo: Topology, mesh: Dict[str, int], fsdp_tip: str = "",
+                 remat: bool = True) -> List[str]:
   """What usually brings a step under the HBM, most specific first."""
   tips = [fsdp_tip] if fsdp_tip else []
-  if config.remat_policy != "full":
-    tips.append(f"--config.remat_policy=full (now {config.remat_policy!r})")
+  if remat and config.remat_policy != "full":
+    tips.append(f"--config.remat_policy=full (now {config.remat_policy!r}; --remat_sweep "
+                "finds the cheapest policy that fits)")
   accum = config.grad_accum_steps
   batch_split = math.prod(mesh.get(a, 1) for a in sharding.BATCH_AXES)
   if (config.global_batch_size // (2 * accum)) % batch_split == 0:
@@ -459,6 +518,9 @@ def parse_args(argv):
                       help="slices joined by DCN (default: the config's mesh.slices)")
   parser.add_argument("--hbm_gib", type=float, default=None,
                       help="HBM per chip to compare with (default: the generation's)")
+  parser.add_argument("--remat_sweep", action="store_true",
+                      help="compile under each remat policy (" + ", ".join(REMAT_SWEEP) +
+                           ") and stop at the first that fits: the fastest step that fits")
   parser.add_argument("--json", metavar="FILE", help="also write the figures here")
   args, rest = parser.parse_known_args(argv)
   return args, config_lib.split_overrides(parser, rest)
@@ -476,18 +538,29 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     slices = args.slices or int(config.mesh.get("slices", 1))
     if slices < 1:
       raise ValueError(f"--slices={slices}: need at least 1.")
-    report = compile_train_step(config, topo, slices, spec=args.config)
+    if args.remat_sweep:
+      print(f"{args.config} on {slices} x {topo.name}: remat policies, least recomputation "
+            "first (one compile each)", flush=True)
+      reports, chosen = sweep_remat(config, topo, slices, spec=args.config,
+                                    log=lambda line: print(line, flush=True))
+    else:
+      reports, chosen = [compile_train_step(config, topo, slices, spec=args.config)], None
   except LibtpuMissingError as e:
     print(f"Error: {e}", file=sys.stderr)
     return 2
   except (config_lib.ConfigError, ValueError) as e:
     print(f"Config error: {e}", file=sys.stderr)
     return 2
-  print(summary(report, config), flush=True)
+  report = reports[-1]
+  print(sweep_conclusion(reports, chosen, config) if args.remat_sweep
+        else summary(report, config), flush=True)
   if args.json:
+    figures = dict(report.to_json(), overrides=list(overrides), jax=jax.__version__)
+    if args.remat_sweep:
+      figures["remat_sweep"] = [r.to_json() for r in reports]
+      figures["cheapest_remat_policy_that_fits"] = chosen
     with open(args.json, "w") as f:
-      json.dump(dict(report.to_json(), overrides=list(overrides), jax=jax.__version__),
-                f, indent=2)
+      json.dump(figures, f, indent=2)
       f.write("\n")
   return 0 if report.fits else 1
 

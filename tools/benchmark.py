@@ -48,13 +48,14 @@ def parse_args(argv: Optional[List[str]]):
 def main(argv: Optional[List[str]] = None) -> int:
   from vlpjax import config as config_lib  # pylint: disable=g-import-not-at-top
   from vlpjax import host_memory  # pylint: disable=g-import-not-at-top
-  # First, before JAX starts its CPU client: steps without page faults (vlpjax/host_memory.py).
-  retained = host_memory.configure()
+  # First, before JAX starts its CPU client: steps without 4 KiB page faults
+  # (vlpjax/host_memory.py); from the command line this may re-execute the process once.
+  host_malloc = host_memory.configure(command_line=argv is None)
   args, overrides = parse_args(argv)
   module, _ = SUBCOMMANDS[args.command]
   try:
     results = module.run(args, overrides)
-    results["host_malloc"] = "retain" if retained else "system"
+    results["host_malloc"] = host_malloc
   except (config_lib.ConfigError, ValueError) as e:
     print(f"benchmark {args.command}: {e}", file=sys.stderr)
     return 2

@@ -155,14 +155,36 @@ def apply_overrides(config: ConfigDict, overrides: Iterable[str]) -> ConfigDict:
     node = config
     for depth, part in enumerate(parents):
       if part not in node:
-        raise ConfigError(_unknown_key(".".join(parents[:depth + 1]), node))
+        if not _is_open(parents[:depth]):
+          raise ConfigError(_unknown_key(".".join(parents[:depth + 1]), node))
+        node[part] = ConfigDict()
       node = node[part]
     if not isinstance(node, ConfigDict):
       raise ConfigError(f"--config.{dotted}: {'.'.join(parents)} is not a section.")
-    if leaf not in node:
+    if leaf in node:
+      node[leaf] = _coerce(raw, node[leaf], f"--config.{dotted}")
+    elif _is_open(parents):
+      # A key the config file did not set (`model.image.scan_layers`): the section's consumer
+      # checks it against what it accepts, with the nearest names, when it builds.
+      node[leaf] = _literal(raw)
+    else:
       raise ConfigError(_unknown_key(dotted, node))
-    node[leaf] = _coerce(raw, node[leaf], f"--config.{dotted}")
   return config
+
+
+def _is_open(parents: Sequence[str]) -> bool:
+  """Whether a key under `parents` lies in a section its consumer checks (`_OPEN_SECTIONS`)."""
+  return any(".".join(parents[:depth]) in _OPEN_SECTIONS for depth in range(1, len(parents) + 1))
+
+
+def _literal(raw: str) -> Any:
+  """A new key's value: a Python literal, `true`/`false` as booleans, else the string."""
+  if raw.lower() in ("true", "false"):
+    return raw.lower() == "true"
+  try:
+    return ast.literal_eval(raw)
+  except (ValueError, SyntaxError):
+    return raw
 
 
 def finalize(config: ConfigDict, overrides: Iterable[str] = ()) -> ConfigDict:

@@ -93,7 +93,8 @@ def evaluate(workdir: str, config, steps: Optional[List[int]] = None, all_steps:
 
 
 def main(argv=None) -> int:
-  host_memory.configure()  # Before JAX starts its CPU client (see vlpjax/host_memory.py).
+  # Before JAX starts its CPU client (see vlpjax/host_memory.py); may re-execute the command.
+  host_memory.configure(command_line=argv is None)
   args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
   try:
     config = load_config(args.workdir, args.config, overrides)

@@ -1,37 +1,44 @@
-"""Host memory on CPU: keep freed heap memory for the next step instead of returning it.
+"""Host memory on CPU: stop XLA's per-step temporaries from costing a page fault per 4 KiB.
 
 XLA:CPU gives each execution of a compiled program one buffer for all its temporaries (10.7 GB
 for a SigLIP B/16 train step at batch 32) from `posix_memalign`, and frees it when the step
 ends. glibc serves a request that large with a fresh `mmap` and hands it back with `munmap`,
-so the next step page-faults every page of it again: 2.7 M minor faults and ~7 s of kernel
-time per step on 2 cores, a quarter of the step (docs/benchmarks.md). tcmalloc avoids this by
-design; so does glibc once told to (what `retain()` does, through `mallopt`):
+so the next step page-faults every 4 KiB page of it again: 2.7 M minor faults and ~7 s of
+kernel time per step on 2 cores, a quarter of the step (docs/benchmarks.md). Two remedies:
 
-  M_ARENA_MAX=1     every thread allocates from the main heap: glibc's per-thread arenas are
-                    64 MiB heaps that cannot hold such a buffer and fall back to mmap for it;
-  M_MMAP_MAX=0      no request is served by mmap, so none is unmapped when freed;
-  M_TRIM_THRESHOLD  -1: the heap is never trimmed, so freed pages stay mapped and warm.
+  hugepages  glibc's `glibc.malloc.hugetlb=1` tunable: malloc asks for transparent huge pages
+             (`madvise`), so the same buffer faults in 2 MiB pages, 512 times fewer faults
+             (SigLIP B/16: 16.0 -> 12.7 s per step). Memory still goes back to the OS every
+             step, so the footprint is what the program needs. glibc reads tunables only at
+             start-up: from the command line the entry point re-executes itself once with
+             `GLIBC_TUNABLES` set (same pid, same arguments; ~0.1 s).
+  retain     `mallopt`: one arena, no mmap, no trimming; freed pages stay mapped, so steps after
+             the first fault nothing (12.1 s). But the heap cannot move a live block: when a small
+             allocation lands in the freed buffer, the next step's buffer comes from fresh heap,
+             and the process can hold two steps' temporaries (a scanned SigLIP B/16 step, 13.7 GB
+             of temporaries, was killed for memory on this 24 GiB machine). Opt-in only.
 
-The process then keeps its peak footprint (which every step reaches again anyway); steps after
-the first run without page faults (SigLIP B/16: 16.0 -> 11.9 s).
-
-It must run before JAX starts its CPU client: a thread picks its malloc arena at its first
-allocation, and the arena setting binds only threads that have not picked one yet. The entry
-points (`vlpjax.train`, `vlpjax.evaluate`, `tools.benchmark`) call `configure()` first thing.
-
-`VLPJAX_HOST_MALLOC` chooses: `auto` (default) retains when the run will use the CPU backend
-(`JAX_PLATFORMS` says cpu, or the machine has no GPU/TPU device; with accelerators the big
-buffers live in device memory, and one shared arena could slow a busy input pipeline),
-`retain` always, `system` never.
+`VLPJAX_HOST_MALLOC` chooses: `auto` (default) = `hugepages` when the run will use the CPU
+backend (`JAX_PLATFORMS` says cpu, or the machine has no GPU/TPU device: with accelerators the
+big buffers live in device memory), the kernel allows transparent huge pages and glibc is 2.35
+or newer, and the process was started from the command line (a library caller, a notebook or
+a test process is never re-executed); otherwise glibc's defaults. `hugepages` and `retain`
+force those; `system` leaves malloc alone. The entry points (`vlpjax.train`, `vlpjax.evaluate`,
+`tools.benchmark`) call `configure()` first thing, before JAX starts its CPU client.
 """
 import ctypes
 import ctypes.util
 import glob
 import os
 import platform
+import sys
 
 ENV_VAR = "VLPJAX_HOST_MALLOC"
-CHOICES = ("auto", "retain", "system")
+CHOICES = ("auto", "hugepages", "retain", "system")
+HUGEPAGES_TUNABLE = "glibc.malloc.hugetlb=1"
+# Set in the re-executed process: it never re-executes again, whatever it finds.
+_REEXECUTED = "VLPJAX_HOST_MALLOC_REEXECUTED"
+_THP_MODE = "/sys/kernel/mm/transparent_hugepage/enabled"
 
 # glibc's <malloc.h> parameter numbers.
 _M_TRIM_THRESHOLD = -1
@@ -81,11 +88,51 @@ def release() -> None:
     ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
 
 
-def configure() -> bool:
-  """Applies `VLPJAX_HOST_MALLOC` (default auto); returns whether memory is now retained."""
+def hugepages_active() -> bool:
+  """Whether this process started with glibc's huge-page tunable (inherited or re-executed)."""
+  return HUGEPAGES_TUNABLE in os.environ.get("GLIBC_TUNABLES", "").split(":")
+
+
+def hugepages_supported() -> bool:
+  """glibc >= 2.35 (the tunable's first release) and a kernel whose transparent huge pages
+  are not `never` (`madvise` or `always`)."""
+  if platform.system() != "Linux":
+    return False
+  libc, version = platform.libc_ver()
+  try:
+    if libc != "glibc" or tuple(int(x) for x in version.split(".")[:2]) < (2, 35):
+      return False
+    with open(_THP_MODE) as f:
+      return "[never]" not in f.read()
+  except (OSError, ValueError):
+    return False
+
+
+def use_hugepages(command_line: bool) -> bool:
+  """Makes malloc use huge pages: True if it already does; else, from the command line,
+  re-executes this process (same pid and arguments) with the tunable set, which does not
+  return. False where that cannot or must not happen (not a command line, unsupported)."""
+  if hugepages_active():
+    return True
+  if not command_line or os.environ.get(_REEXECUTED) or not hugepages_supported():
+    return False
+  env = dict(os.environ, **{_REEXECUTED: "1"})
+  env["GLIBC_TUNABLES"] = ":".join(filter(None, (env.get("GLIBC_TUNABLES"), HUGEPAGES_TUNABLE)))
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os.execve(sys.executable, [sys.executable] + sys.orig_argv[1:], env)
+  return True  # not reached
+
+
+def configure(command_line: bool = False) -> str:
+  """Applies `VLPJAX_HOST_MALLOC` (default auto); returns the mode now in effect: "hugepages",
+  "retain" or "system". `command_line`: the caller is a program's entry point started from
+  the command line (`main()` with no argv), which may re-execute itself for `hugepages`."""
   choice = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
   if choice not in CHOICES:
     raise ValueError(f"{ENV_VAR}={choice!r}: expected one of {', '.join(CHOICES)}.")
-  if choice == "system" or (choice == "auto" and not will_run_on_cpu()):
-    return False
-  return retain()
+  if choice == "retain":
+    return "retain" if retain() else "system"
+  if choice == "hugepages" or (choice == "auto" and will_run_on_cpu()):
+    return "hugepages" if use_hugepages(command_line) else "system"
+  return "system"
