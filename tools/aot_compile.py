@@ -412,8 +412,9 @@ def sweep_remat(config, topo: Topology, slices: int = 1, *, spec: str = "",
 
 
 def _sweep_row(report: Report, first: Report) -> str:
-  if report.compiler_error:
-    memory = "compiler out of memory"
+  if report.compiler_error:   # the compiler gave up placing buffers; it may say how much
+    memory = (f"{_gib(report.total_bytes):>8} GiB (compiler: out of memory)"
+              if report.total_bytes else "compiler: out of memory")
   else:
     memory = (f"{_gib(report.total_bytes):>8} GiB "
               f"({report.total_bytes / (report.hbm_gib * GIB):4.0%} of HBM)")
