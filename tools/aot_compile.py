@@ -411,6 +411,11 @@ def sweep_remat(config, topo: Topology, slices: int = 1, *, spec: str = "",
   return reports, None
 
 
+def _extra_matmul_flops(report: Report, first: Report) -> float:
+  """The recomputation `report`'s policy adds, as a fraction of the first policy's FLOPs."""
+  return report.matmul_flops / first.matmul_flops - 1 if first.matmul_flops else 0.0
+
+
 def _sweep_row(report: Report, first: Report) -> str:
   if report.compiler_error:   # the compiler gave up placing buffers; it may say how much
     memory = (f"{_gib(report.total_bytes):>8} GiB (compiler: out of memory)"
@@ -418,7 +423,7 @@ def _sweep_row(report: Report, first: Report) -> str:
   else:
     memory = (f"{_gib(report.total_bytes):>8} GiB "
               f"({report.total_bytes / (report.hbm_gib * GIB):4.0%} of HBM)")
-  extra = report.matmul_flops / first.matmul_flops - 1 if first.matmul_flops else 0.0
+  extra = _extra_matmul_flops(report, first)
   return (f"  {report.remat_policy:34s} {memory:30s} matmul FLOPs {report.matmul_flops:.3e} "
           f"({extra:+.0%})  {'fits' if report.fits else 'does not fit'}  "
           f"[{report.compile_seconds:.0f} s]")
@@ -430,7 +435,7 @@ def sweep_conclusion(reports: List[Report], chosen: Optional[str], config=None) 
   if chosen == first.remat_policy:
     return f"cheapest that fits: --config.remat_policy={chosen} (the least recomputation tried)"
   if chosen is not None:
-    extra = last.matmul_flops / first.matmul_flops - 1 if first.matmul_flops else 0.0
+    extra = _extra_matmul_flops(last, first)
     return (f"cheapest that fits: --config.remat_policy={chosen} ({extra:+.0%} matmul FLOPs "
             f"per step against {first.remat_policy}, which does not fit)")
   tips = (_suggestions(config, topology(last.topology, last.hbm_gib), last.mesh,

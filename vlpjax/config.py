@@ -181,10 +181,7 @@ def _literal(raw: str) -> Any:
   """A new key's value: a Python literal, `true`/`false` as booleans, else the string."""
   if raw.lower() in ("true", "false"):
     return raw.lower() == "true"
-  try:
-    return ast.literal_eval(raw)
-  except (ValueError, SyntaxError):
-    return raw
+  return _coerce(raw, None, "")   # no type to hold it to
 
 
 def finalize(config: ConfigDict, overrides: Iterable[str] = ()) -> ConfigDict:
