@@ -125,7 +125,12 @@ def test_processes_join_from_the_environment(kind):
       [sys.executable, "-c", _JOIN], cwd=processes.REPO, text=True, stdout=subprocess.PIPE,
       stderr=subprocess.STDOUT, env={**processes.env_with_devices(4), **_cluster_env(kind, i, port)})
            for i in range(2)]
-  logs = [p.communicate(timeout=120)[0] for p in procs]
+  try:
+    # Generous: on a loaded 2-core machine two JAX start-ups and the gRPC join take a while.
+    logs = [p.communicate(timeout=300)[0] for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
   for i, log in enumerate(logs):
     # Process i of 2, 8 devices in all, and a collective over both processes (1 + 2).
     assert f"joined {i} 2 8 3" in log, log[-2000:]

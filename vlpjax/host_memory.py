@@ -7,7 +7,7 @@ so the next step page-faults every 4 KiB page of it again: 2.7 M minor faults an
 kernel time per step on 2 cores, a quarter of the step (docs/benchmarks.md). Two remedies:
 
   hugepages  glibc's `glibc.malloc.hugetlb=1` tunable: malloc asks for transparent huge pages
-             (`madvise`), so the same buffer faults in 2 MiB pages (30x fewer faults in
+             (`madvise`), so the same buffer faults in 2 MiB pages (100x fewer faults in
              tests/test_host_memory.py; SigLIP B/16: 16.0 -> 12.7-13.7 s per step). Memory
              still goes back to the OS every step, so the footprint is what the program
              needs. glibc reads tunables only at start-up: from the command line the entry
