@@ -45,10 +45,20 @@ def start_processes(args: Sequence[str], *, num_processes: int = 2, devices_each
           for i in range(num_processes)]
 
 
+def communicate_all(procs: Sequence[subprocess.Popen], timeout: float) -> List[str]:
+  """Waits for every process and returns their outputs; kills them all if that fails (a
+  timeout must not leave a process of a joined run holding the coordinator's port)."""
+  try:
+    return [p.communicate(timeout=timeout)[0] for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+
+
 def run_processes(args: Sequence[str], *, timeout: float = 600, **kwargs) -> List[str]:
   """Starts them, waits, asserts every process exited 0; returns their logs."""
   procs = start_processes(args, **kwargs)
-  logs = [p.communicate(timeout=timeout)[0] for p in procs]
+  logs = communicate_all(procs, timeout)
   for i, (p, log) in enumerate(zip(procs, logs)):
     assert p.returncode == 0, f"process {i} exited {p.returncode}:\n{log[-3000:]}"
   return logs

@@ -64,7 +64,7 @@ def test_sigterm_on_one_host_checkpoints_every_host_at_one_step(tmp_path):
     if line.startswith("step 3/"):
       procs[1].send_signal(signal.SIGTERM)  # the non-lead host
       break
-  logs = [p.communicate(timeout=300)[0] for p in procs]
+  logs = processes.communicate_all(procs, timeout=300)
   steps = []
   for p, log in zip(procs, logs):
     assert p.returncode == 128 + signal.SIGTERM, log[-3000:]
@@ -101,7 +101,10 @@ from jax.experimental import multihost_utils
 from vlpjax import sharding
 sharding.maybe_initialize_distributed({"auto": True})
 total = multihost_utils.process_allgather(np.array([jax.process_index() + 1]))
-print("joined", jax.process_index(), jax.process_count(), jax.device_count(), int(total.sum()))
+# One string, one write: gloo logs to the same pipe from C++, and print's separate pieces
+# (unbuffered) could be split by its messages.
+print(f"joined {jax.process_index()} {jax.process_count()} {jax.device_count()} {int(total.sum())}",
+      flush=True)
 """
 
 
@@ -125,12 +128,7 @@ def test_processes_join_from_the_environment(kind):
       [sys.executable, "-c", _JOIN], cwd=processes.REPO, text=True, stdout=subprocess.PIPE,
       stderr=subprocess.STDOUT, env={**processes.env_with_devices(4), **_cluster_env(kind, i, port)})
            for i in range(2)]
-  try:
-    # Generous: on a loaded 2-core machine two JAX start-ups and the gRPC join take a while.
-    logs = [p.communicate(timeout=300)[0] for p in procs]
-  finally:
-    for p in procs:
-      p.kill()
+  logs = processes.communicate_all(procs, timeout=120)
   for i, log in enumerate(logs):
     # Process i of 2, 8 devices in all, and a collective over both processes (1 + 2).
     assert f"joined {i} 2 8 3" in log, log[-2000:]

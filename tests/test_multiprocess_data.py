@@ -5,33 +5,27 @@ whole split exactly once, for generated (in-memory) tasks and for TFRecord files
 """
 import json
 import os
-import socket
 import subprocess
 import sys
 
+from tests import processes
 from vlpjax.data import shapes
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(REPO, "tests", "multiprocess_data_worker.py")
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 def test_two_processes_read_disjoint_shards_covering_the_split(tmp_path):
   files = shapes.write_tfrecords("train", str(tmp_path / "shapes"), image_size=16,
                                  num_examples=20, num_shards=4)
   glob = str(tmp_path / "shapes-*")
-  port = _free_port()
+  port = processes.free_port()
   env = {**os.environ, "PYTHONPATH": REPO, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
   outs = [str(tmp_path / f"ids{i}.json") for i in range(2)]
   procs = [subprocess.Popen([sys.executable, WORKER, str(i), str(port), glob, outs[i]],
                             env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True) for i in range(2)]
-  logs = [p.communicate(timeout=300)[0] for p in procs]
+  logs = processes.communicate_all(procs, timeout=300)
   for p, log in zip(procs, logs):
     assert p.returncode == 0, log[-3000:]
   results = [json.load(open(path)) for path in outs]
