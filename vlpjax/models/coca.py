@@ -277,8 +277,8 @@ class CoCa(nn.Module):
                                    cache_index=cache_index, encoded=encoded)
     x = self.txt_multimodal_norm(x).astype(self.dtype)
     # Tied to the embedding; f32 accumulation: the softmax over a large vocabulary needs it.
-    logits = jnp.einsum("bld,vd->blv", x, self.txt_embedding.embedding.astype(self.dtype),
-                        preferred_element_type=jnp.float32)
+    logits = layers.token_matmul(x, self.txt_embedding.embedding.astype(self.dtype).T,
+                                 preferred_element_type=jnp.float32)
     return logits, cache
 
   def _decoders(self, encoded, inputs, valid, with_cls: bool):

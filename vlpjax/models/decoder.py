@@ -101,12 +101,6 @@ class RMSNorm(nn.Module):
     return x * (self.norm_offset + scale.astype(jnp.float32))
 
 
-def _contract(x: Array, kernel: Array, num_contract: int) -> Array:
-  """x [..., *in] . kernel [*in, *out] -> [..., *out]."""
-  contract_x = tuple(range(x.ndim - num_contract, x.ndim))
-  return jax.lax.dot_general(x, kernel, ((contract_x, tuple(range(num_contract))), ((), ())))
-
-
 class LoraDense(nn.Module):
   """Bias-free linear map contracting x's trailing dims, with an optional LoRA adapter.
 
@@ -135,7 +129,7 @@ class LoraDense(nn.Module):
     kernel = self.param("kernel", layers.partitioned(init, self.in_names + self.out_names),
                         in_shape + tuple(self.features), self.param_dtype)
     x_cast, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
-    y = _contract(x_cast, kernel, n_in)
+    y = layers.token_matmul(x_cast, kernel, n_in)
     if self.lora_rank > 0:
       a_init = nn.initializers.variance_scaling(1.0, "fan_in", "normal", in_axis=in_axes,
                                                 out_axis=(n_in,))
@@ -145,8 +139,8 @@ class LoraDense(nn.Module):
           "lora_b", layers.partitioned(nn.initializers.zeros_init(), ("lora",) + self.out_names),
           (self.lora_rank,) + tuple(self.features), self.param_dtype)
       _, lora_a, lora_b = nn.dtypes.promote_dtype(x, lora_a, lora_b, dtype=self.dtype)
-      low = _contract(x_cast, lora_a, n_in)
-      y = y + _contract(low, lora_b, 1) * (self.lora_alpha / self.lora_rank)
+      low = layers.token_matmul(x_cast, lora_a, n_in)
+      y = y + layers.token_matmul(low, lora_b, 1) * (self.lora_alpha / self.lora_rank)
     return y
 
 
@@ -454,7 +448,7 @@ class Decoder(nn.Module):
     self.layers = DecoderStack(**self._stack_kwargs())
     self.norm = RMSNorm(self.norm_eps, self.norm_offset, self.param_dtype)
     if not self.tie_embeddings:
-      self.lm_head = nn.Dense(
+      self.lm_head = layers.Dense(
           self.vocab_size, use_bias=False, dtype=jnp.float32, param_dtype=self.param_dtype,
           kernel_init=layers.partitioned(nn.initializers.lecun_normal(), ("embed", "vocab")))
 
@@ -499,7 +493,9 @@ class Decoder(nn.Module):
   def logits(self, hidden: Array) -> Array:
     """Final hidden states [B, L, width] -> logits f32 [B, L, vocab]."""
     if self.tie_embeddings:
-      return self.embed_tokens.attend(hidden).astype(jnp.float32)
+      # Flattened for the reason layers.token_matmul gives.
+      flat = self.embed_tokens.attend(hidden.reshape(-1, hidden.shape[-1]))
+      return flat.reshape(hidden.shape[:-1] + (-1,)).astype(jnp.float32)
     return self.lm_head(hidden).astype(jnp.float32)
 
   def __call__(self, x: Array, *, positions: Array, mask: Array,

@@ -102,13 +102,13 @@ class GroundingHead(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    h = nn.Dense(self.mlp_dim, dtype=self.dtype, param_dtype=self.param_dtype,
+    h = layers.Dense(self.mlp_dim, dtype=self.dtype, param_dtype=self.param_dtype,
                  kernel_init=layers.partitioned(nn.initializers.xavier_uniform(),
                                                 ("embed", "mlp")),
                  bias_init=layers.partitioned(nn.initializers.zeros_init(), ("mlp",)),
                  name="fc1")(x)
     h = nn.gelu(h, approximate=True)
-    out = nn.Dense(len(HEAD_OUTPUTS), dtype=jnp.float32, param_dtype=self.param_dtype,
+    out = layers.Dense(len(HEAD_OUTPUTS), dtype=jnp.float32, param_dtype=self.param_dtype,
                    kernel_init=layers.partitioned(nn.initializers.xavier_uniform(),
                                                   ("mlp", None)),
                    bias_init=layers.partitioned(nn.initializers.zeros_init(), (None,)),
@@ -196,7 +196,7 @@ class VideoModel(vlm_lib.VLM):
                        f"got {self.image_token_id!r}.")
     temporal = self.temporal_kwargs()
     if self.frame_feature_dim:
-      self.frame_projection = nn.Dense(
+      self.frame_projection = layers.Dense(
           temporal["width"], dtype=self.dtype, param_dtype=self.param_dtype,
           kernel_init=layers.partitioned(nn.initializers.lecun_normal(), (None, "embed")),
           bias_init=layers.partitioned(nn.initializers.zeros_init(), ("embed",)))

@@ -68,7 +68,7 @@ class Projector(nn.Module):
   param_dtype: Any = jnp.float32
 
   def _dense(self, features, kernel_axes, name):
-    return nn.Dense(
+    return layers.Dense(
         features, dtype=self.dtype, param_dtype=self.param_dtype,
         kernel_init=layers.partitioned(nn.initializers.xavier_uniform(), kernel_axes),
         bias_init=layers.partitioned(nn.initializers.zeros_init(), kernel_axes[-1:]),
