@@ -99,7 +99,10 @@ def attend(q: Array, k: Array, v: Array, mask: Optional[Array], *, impl: str, dt
 
 
 def _einsum_attention(q, k, v, mask, dtype, heads_first: bool, logits_scale) -> Array:
-  return _einsum_attention_vjp(dtype, heads_first, logits_scale)(q, k, v, mask)
+  # The backward pass is built once per (dtype, layout, scale): the scale must be a Python
+  # number (hashable), as the signature of `attend` says.
+  scale = None if logits_scale is None else float(logits_scale)
+  return _einsum_attention_vjp(dtype, heads_first, scale)(q, k, v, mask)
 
 
 @functools.lru_cache(maxsize=None)

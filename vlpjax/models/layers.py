@@ -71,7 +71,7 @@ def partitioned(init, names):
 
 
 def projection(features: int, name: str, dtype, param_dtype, use_bias: bool = True
-               ) -> "Dense":
+               ) -> Dense:
   """Linear head from model width to an output embedding (`proj`) dim.
 
   Not zero-initialised (big_vision's classifier default): a zero embedding has no direction

@@ -103,16 +103,16 @@ class GroundingHead(nn.Module):
   @nn.compact
   def __call__(self, x: Array) -> Array:
     h = layers.Dense(self.mlp_dim, dtype=self.dtype, param_dtype=self.param_dtype,
-                 kernel_init=layers.partitioned(nn.initializers.xavier_uniform(),
-                                                ("embed", "mlp")),
-                 bias_init=layers.partitioned(nn.initializers.zeros_init(), ("mlp",)),
-                 name="fc1")(x)
+                     kernel_init=layers.partitioned(nn.initializers.xavier_uniform(),
+                                                    ("embed", "mlp")),
+                     bias_init=layers.partitioned(nn.initializers.zeros_init(), ("mlp",)),
+                     name="fc1")(x)
     h = nn.gelu(h, approximate=True)
     out = layers.Dense(len(HEAD_OUTPUTS), dtype=jnp.float32, param_dtype=self.param_dtype,
-                   kernel_init=layers.partitioned(nn.initializers.xavier_uniform(),
-                                                  ("mlp", None)),
-                   bias_init=layers.partitioned(nn.initializers.zeros_init(), (None,)),
-                   name="fc2")(h)
+                       kernel_init=layers.partitioned(nn.initializers.xavier_uniform(),
+                                                      ("mlp", None)),
+                       bias_init=layers.partitioned(nn.initializers.zeros_init(), (None,)),
+                       name="fc2")(h)
     offsets = nn.softplus(out[..., 2:])
     return jnp.concatenate([out[..., :2], offsets], axis=-1)
 
