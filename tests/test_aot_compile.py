@@ -316,7 +316,9 @@ def test_pod_configs_fit_v5p_256(spec):
 @pytest.mark.usefixtures("libtpu")
 def test_remat_sweep_stops_at_the_first_policy_a_smaller_chip_holds(tmp_path, capsys):
   # 256 px of 8 px patches (1024 tokens), 32 examples per chip, 2 blocks of width 128 per
-  # tower: activations dominate, so each policy that recomputes more needs less memory.
+  # tower: activations dominate, so no remat needs the most memory and full remat the least.
+  # The two dots policies between them need not be ordered: XLA's schedule decides (with
+  # libtpu 0.0.42.1, dots_saveable needs 0.10 GiB here, dots_with_no_batch_dims_saveable 0.11).
   tower = [f"--config.model.{t}.{k}={v}" for t in ("image", "text")
            for k, v in (("width", 128), ("depth", 2), ("mlp_dim", 256), ("num_heads", 2))]
   argv = ["--config", f"{DEMO}:batch=256,size=128", "--topology", "v5e-8", "--remat_sweep",
@@ -326,7 +328,7 @@ def test_remat_sweep_stops_at_the_first_policy_a_smaller_chip_holds(tmp_path, ca
   reports = json.loads(out.read_text())["remat_sweep"]
   temps = [r["temp_bytes"] for r in reports]
   flops = [r["matmul_flops"] for r in reports]
-  assert temps == sorted(temps, reverse=True) and temps[-1] < 0.6 * temps[0], temps
+  assert max(temps) == temps[0] and min(temps) == temps[-1] < 0.6 * temps[0], temps
   assert flops == sorted(flops) and flops[-1] > 1.1 * flops[0], flops
   # A chip just too small for `none`: the sweep stops at the first policy that fits it.
   hbm = (reports[0]["total_bytes"] - 1) / 2**30

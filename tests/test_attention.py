@@ -242,3 +242,14 @@ def test_config_typo_names_the_key():
   family = families.get_family(config)
   with pytest.raises(ValueError, match=r"config\.attention_impl.*'flash'"):
     jax.eval_shape(family.init, jax.random.key(0), family.input_specs(test_flops.BATCH))
+
+
+def test_cudnn_takes_even_lengths_and_head_dims_it_has_kernels_for():
+  # The MAP head's single probe query (Lq = 1) is what cuDNN's training path refuses in a
+  # SigLIP step; such attention runs "xla" instead (checked on an H100: docs/benchmarks.md).
+  assert not attention.cudnn_takes(1, 196, 64, backend="cpu")
+  assert attention.cudnn_takes(196, 196, 64, backend="cpu")
+  assert attention.cudnn_takes(64, 64, 72, backend="cpu")  # So400m: 1152 / 16 heads
+  assert not attention.cudnn_takes(64, 63, 64, backend="cpu")
+  assert not attention.cudnn_takes(64, 64, 60, backend="cpu")
+  assert not attention.cudnn_takes(64, 64, 256, backend="cpu")  # 256 only from Hopper on

@@ -7,6 +7,9 @@ measured, the synthetic batch against the family's specs, and the dispatch of th
 import json
 import math
 import os
+import subprocess
+import sys
+import textwrap
 import types
 
 import jax
@@ -89,6 +92,18 @@ def test_spec_peak_unknown_device_says_what_to_do():
     bench_train.spec_peak(types.SimpleNamespace(device_kind="Abacus 9000"))
 
 
+@pytest.mark.parametrize("sync", [False, True])
+def test_time_steps_times_each_step_and_runs_them_all(sync):
+  # The state counts the steps that ran: warm-up, timed, and (queued as the trainer queues)
+  # one untimed step ahead of the timed ones and one behind them.
+  step = jax.jit(lambda state, batch: (state + 1, {"loss": jnp.sum(batch) * state}),
+                 donate_argnums=(0,))
+  seconds, state = bench_train.time_steps(step, jnp.zeros((), jnp.int32),
+                                          jnp.ones((64, 64)), warmup=2, steps=3, sync=sync)
+  assert len(seconds) == 3 and all(s > 0 for s in seconds)
+  assert int(state) == 2 + 3 + (0 if sync else 2)
+
+
 def test_train_benchmark_figures_are_consistent(tmp_path):
   out = tmp_path / "train.json"
   code = benchmark.main(["--out", str(out), "train", "--config",
@@ -114,6 +129,23 @@ def test_train_benchmark_figures_are_consistent(tmp_path):
   memory = result["memory"]["compiled_bytes_per_device"]
   assert memory["total"] == (memory["arguments"] + memory["outputs"] - memory["aliased"]
                              + memory["temporaries"])
+
+
+def test_the_step_alone_needs_no_input_stack():
+  # A GPU or TPU host with a bare JAX install times and compiles the pod configs' step: the
+  # benchmark CLI and train_setup import neither TensorFlow nor seqio nor the metric writers.
+  # A fresh interpreter, since this one has imported them for other tests.
+  script = textwrap.dedent("""
+      import sys
+      from tools import benchmark
+      from vlpjax import train, train_setup
+      for path in ("experiments/siglip_b16.py:batch=8", "experiments/coca_b16.py:batch=8"):
+        train_setup.build(train.load_config(path, [])).lower_train_step()
+      print(sorted(m for m in ("tensorflow", "seqio", "clu") if m in sys.modules))
+  """)
+  out = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True,
+                       text=True, check=True)
+  assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout
 
 
 def test_train_benchmark_bad_override_exits_2(capsys):

@@ -6,7 +6,7 @@
 
 No TPU is touched: libtpu (`pip install -e .[tpu]`) describes the topology's chips as
 compile-only devices, the trainer builds its mesh and shardings on them exactly as on the pod
-(`vlpjax.trainer.build(config, devices=...)`), and XLA's TPU compiler lowers and compiles the
+(`vlpjax.train_setup.build(config, devices=...)`), and XLA's TPU compiler lowers and compiles the
 step from shapes alone. The figures printed are the compiler's own, per chip:
 
   arguments    params, optimizer state and the batch shard the step reads
@@ -334,11 +334,11 @@ def build_for_topology(config, topo: Topology, slices: int = 1):
   Fails fast, with the trainer's ConfigError or ValueError, on a mesh or batch the topology
   cannot take: before anything is traced or compiled.
   """
-  from vlpjax import trainer  # pylint: disable=g-import-not-at-top  (TensorFlow, when needed)
+  from vlpjax import train_setup  # pylint: disable=g-import-not-at-top
   config.mesh.slices = slices
   devices = compile_only_devices(topo, slices)
   try:
-    return trainer.build(config, devices=devices)
+    return train_setup.build(config, devices=devices)
   except NotImplementedError as e:  # jax's mesh_utils: no mesh axis -> chip grid assignment
     raise ValueError(f"config.mesh {config.mesh.to_dict()} cannot be laid out on the "
                      f"{topo.topology_name} chip grid: {e}") from e

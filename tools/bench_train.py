@@ -3,13 +3,16 @@
   python -m tools.benchmark train --config experiments/siglip_b16.py:batch=32,rules=data_parallel \\
       --config.compute_dtype=float32 --config.remat_policy=none --reference big_vision
 
-What is timed is `vlpjax.trainer.build(config).train_step` (jitted, state donated) on one
-batch kept on the devices, so the figure is the step alone: the input pipeline has its own
-benchmark (`data`). The batch is synthetic and shaped by the family's `input_specs` (values
-do not change the work of a dense step), so configs whose data lives in a bucket run here too.
+What is timed is the trainer's own step, `vlpjax.train_setup.build(config).train_step` (jitted,
+state donated), on one batch kept on the devices, so the figure is the step alone: the input
+pipeline has its own benchmark (`data`), and nothing of it (TensorFlow, seqio) is imported.
+The batch is synthetic and shaped by the family's `input_specs` (values do not change the
+work of a dense step), so configs whose data lives in a bucket run here too.
 
 Figures (JSON):
-  step_seconds          median over `--steps` timed steps after `--warmup` untimed ones
+  step_seconds          median over `--steps` timed steps after `--warmup` untimed ones, run
+                        as the trainer runs them (each dispatched before the last is waited
+                        for; `--sync` waits for every step: latency, not throughput)
   model_flops           analytic training FLOPs per step (`vlpjax.flops`: 3 x forward, remat
                         excluded) and per part
   xla_flops             XLA's cost analysis of the compiled step (hardware FLOPs: remat and
@@ -158,16 +161,42 @@ def measure_matmul_peak(dtype, dots=(), repeats: int = 5, squares=SQUARE_SIZES
   return {"peak_flops_per_s": best["flops_per_s"], "best": best["what"], "matmuls": results}
 
 
-def time_steps(step: Callable, state, batch, warmup: int, steps: int):
-  """Per-step seconds of `steps` steps after `warmup` (the first compiles); final state."""
-  seconds = []
-  for i in range(warmup + steps):
-    start = time.perf_counter()
+def time_steps(step: Callable, state, batch, warmup: int, steps: int, sync: bool = False):
+  """Per-step seconds of `steps` steps after `warmup` (the first compiles); final state.
+
+  As the trainer's loop runs them (unless `sync`): step i+1 is dispatched before step i is
+  waited for, so the device never idles while the host dispatches. A step's time is then the
+  time between the completions of the step before it and of it. With `sync`, every step is
+  waited for before the next is dispatched: that adds the dispatch latency to each step
+  (a few ms on a GPU; nothing measurable on CPU, where a step takes seconds).
+  """
+  for _ in range(warmup):
     state, metrics = step(state, batch)
     jax.block_until_ready((state, metrics))
-    if i >= warmup:
-      seconds.append(time.perf_counter() - start)
-      log(f"  step {i - warmup + 1}/{steps}: {seconds[-1]:.3f} s")
+  seconds = []
+
+  def record(start: float) -> float:
+    now = time.perf_counter()
+    seconds.append(now - start)
+    log(f"  step {len(seconds)}/{steps}: {seconds[-1]:.3f} s")
+    return now
+
+  if sync:
+    for _ in range(steps):
+      start = time.perf_counter()
+      state, metrics = step(state, batch)
+      jax.block_until_ready((state, metrics))
+      record(start)
+    return seconds, state
+  # One untimed step heads the queue: the first timed one is dispatched while it runs.
+  state, pending = step(state, batch)
+  last = None
+  for _ in range(steps + 1):
+    state, metrics = step(state, batch)
+    jax.block_until_ready(pending)
+    last = time.perf_counter() if last is None else record(last)
+    pending = metrics
+  jax.block_until_ready((state, pending))  # The extra step queued last: not timed.
   return seconds, state
 
 
@@ -194,6 +223,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--config", required=True, help="path/to/config.py[:arg]")
   parser.add_argument("--warmup", type=int, default=2, help="untimed steps (the first compiles)")
   parser.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
+  parser.add_argument("--sync", action="store_true",
+                      help="wait for each step before dispatching the next (the step's latency; "
+                      "default: queued one ahead, as the trainer runs)")
   parser.add_argument("--peak_flops", type=float, default=None,
                       help="peak FLOP/s per accelerator, or of the whole machine on CPU "
                       "(default: measured on CPU, the spec sheet's on GPU/TPU)")
@@ -208,7 +240,8 @@ def run(args: argparse.Namespace, overrides: List[str]) -> Dict[str, Any]:
   from vlpjax import host_memory  # pylint: disable=g-import-not-at-top
   from vlpjax import sharding  # pylint: disable=g-import-not-at-top
   from vlpjax import train  # pylint: disable=g-import-not-at-top
-  from vlpjax import trainer  # pylint: disable=g-import-not-at-top
+  # The step alone: no input stack (TensorFlow, seqio), so it runs on a bare JAX install.
+  from vlpjax import train_setup  # pylint: disable=g-import-not-at-top
   if args.steps < 1 or args.warmup < 1:
     raise ValueError(f"--steps and --warmup must be >= 1 (the first step compiles), got "
                      f"{args.steps} and {args.warmup}.")
@@ -219,7 +252,7 @@ def run(args: argparse.Namespace, overrides: List[str]) -> Dict[str, Any]:
     # the minutes of the project's own steps.
     from tools import bench_reference  # pylint: disable=g-import-not-at-top
     reference = bench_reference.BigVisionTwoTower(config, args.big_vision_dir)
-  setup = trainer.build(config)
+  setup = train_setup.build(config)
   batch_size = config.global_batch_size
   devices = setup.mesh.devices.size
   platform = jax.devices()[0].platform
@@ -273,12 +306,13 @@ def run(args: argparse.Namespace, overrides: List[str]) -> Dict[str, Any]:
   batch = sharding.global_batch(local, setup.mesh, config.sharding_rules)
   state = setup.init_state()
   log(f"timing {args.steps} steps after {args.warmup} warm-up steps:")
-  seconds, state = time_steps(setup.train_step, state, batch, args.warmup, args.steps)
+  seconds, state = time_steps(setup.train_step, state, batch, args.warmup, args.steps,
+                              args.sync)
   del state
   host_memory.release()
   step_seconds = statistics.median(seconds)
   result.update({
-      "step_seconds_all": seconds, "step_seconds": step_seconds,
+      "step_seconds_all": seconds, "step_seconds": step_seconds, "sync": args.sync,
       "examples_per_s": batch_size / step_seconds,
       "model_flops_per_s": model["total"] / step_seconds,
       "mfu": model["total"] / step_seconds / peak,
@@ -290,7 +324,7 @@ def run(args: argparse.Namespace, overrides: List[str]) -> Dict[str, Any]:
 
   if reference is not None:
     log("timing the reference (big_vision) step:")
-    ref_seconds = reference.time(local, args.warmup, args.steps)
+    ref_seconds = reference.time(local, args.warmup, args.steps, args.sync)
     ref_median = statistics.median(ref_seconds)
     result["reference"] = {
         "name": "big_vision", **reference.describe(), "step_seconds_all": ref_seconds,

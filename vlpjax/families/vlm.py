@@ -12,12 +12,12 @@ projector trained). `config.pretrained.llm_hf_path` starts the LM from a Hugging
 Llama/Gemma checkpoint (the trainer calls `pretrained` when a run starts from scratch).
 """
 import dataclasses
+import sys
 from typing import Any, Dict, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import seqio
 
 from vlpjax import config as config_lib
 from vlpjax import decoding
@@ -56,6 +56,11 @@ def freeze_regex(stage: str, lora_rank: int = 0) -> str:
 
 def _task_vocabulary(task_name: str):
   """The `inputs` vocabulary of a registered task or mixture, else None."""
+  # Registering a task imports seqio; where nothing has, there is no task to look up, and the
+  # step alone (benchmarks, AOT compiles: `vlpjax/train_setup.py`) needs no input stack.
+  seqio = sys.modules.get("seqio")
+  if seqio is None:
+    return None
   try:
     provider = seqio.get_mixture_or_task(task_name)
   except ValueError:  # Not registered (yet): nothing to check against.

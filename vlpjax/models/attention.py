@@ -5,7 +5,8 @@
 - "xla": `jax.nn.dot_product_attention(implementation="xla")`, JAX's own reference path
   ([B, L, heads, kv] layout).
 - "cudnn": `jax.nn.dot_product_attention(implementation="cudnn")`, cuDNN's fused (flash)
-  attention: GPU only, bf16/fp16 only; never materialises the [L, L] logits in HBM.
+  attention: GPU only, bf16/fp16 only; never materialises the [L, L] logits in HBM. Attention
+  whose shapes cuDNN refuses (`cudnn_takes`: the MAP head's single probe query) runs "xla".
 - "auto" (the default): "cudnn" on GPU when the compute dtype allows it, "einsum" elsewhere.
   TPUs get "einsum" too: XLA:TPU fuses the softmax into the matmuls itself.
 
@@ -61,6 +62,21 @@ def uses_heads_first(impl: str, dtype: Any) -> bool:
   return resolve(impl, dtype) == "einsum"
 
 
+def cudnn_takes(q_len: int, kv_len: int, head_dim: int, backend: Optional[str] = None) -> bool:
+  """Whether cuDNN's fused attention trains on these shapes.
+
+  Its training path takes even sequence lengths only: JAX (0.10, 0.11) checks every call as if
+  a bias were given, and cuDNN needs even lengths with one. Head dims: multiples of 8, at most
+  256 on Hopper and later, 128 before.
+  """
+  backend = backend or jax.default_backend()
+  max_head_dim = 128
+  if backend == "gpu":
+    capability = getattr(jax.devices()[0], "compute_capability", "0")
+    max_head_dim = 256 if float(capability) >= 9.0 else 128
+  return q_len % 2 == 0 and kv_len % 2 == 0 and head_dim % 8 == 0 and head_dim <= max_head_dim
+
+
 def attend(q: Array, k: Array, v: Array, mask: Optional[Array], *, impl: str, dtype: Any,
            heads_first: bool, logits_scale: Optional[float] = None) -> Array:
   """softmax(q k^T + mask) v over every head, in the layout of the inputs.
@@ -84,6 +100,8 @@ def attend(q: Array, k: Array, v: Array, mask: Optional[Array], *, impl: str, dt
     raise ValueError(f"attention_impl={impl!r} takes [B, L, heads, kv] inputs, not heads-first.")
   head_axis = 1 if heads_first else 2
   groups = q.shape[head_axis] // k.shape[head_axis]
+  if impl == "cudnn" and not cudnn_takes(q.shape[1], k.shape[1], q.shape[-1]):
+    impl = "xla"  # Same layout and numerics, without the fused kernel.
   if impl == "einsum":
     if groups > 1:
       k = jnp.repeat(k, groups, axis=head_axis)
