@@ -4,6 +4,7 @@ Timings are never asserted. What is checked is what the figures are made of: the
 against independent arithmetic, MFU against its definition, the peak against the matmuls
 measured, the synthetic batch against the family's specs, and the dispatch of the CLI.
 """
+import glob
 import json
 import math
 import os
@@ -102,6 +103,22 @@ def test_time_steps_times_each_step_and_runs_them_all(sync):
                                           jnp.ones((64, 64)), warmup=2, steps=3, sync=sync)
   assert len(seconds) == 3 and all(s > 0 for s in seconds)
   assert int(state) == 2 + 3 + (0 if sync else 2)
+
+
+def test_time_steps_profiles_the_timed_steps_alone(tmp_path):
+  def counted_step(state, batch):
+    return state + 1, {"loss": jnp.sum(batch) * state}
+
+  step = jax.jit(counted_step, donate_argnums=(0,))
+  _, state = bench_train.time_steps(step, jnp.zeros((), jnp.int32), jnp.ones((64, 64)),
+                                    warmup=1, steps=2, profile_dir=str(tmp_path))
+  assert int(state) == 1 + 2 + 2
+  [trace] = glob.glob(str(tmp_path / "**" / "*.xplane.pb"), recursive=True)
+  events = [e.name for plane in jax.profiler.ProfileData.from_file(trace).planes
+            for line in plane.lines for e in line.events]
+  # The queued steps ran inside the trace; the warm-up, which compiled, did not.
+  assert sum(name == "PjitFunction(counted_step)" for name in events) >= 2 + 2
+  assert "backend_compile_and_load" not in events
 
 
 def test_train_benchmark_figures_are_consistent(tmp_path):

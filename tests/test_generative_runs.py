@@ -9,6 +9,7 @@ import pytest
 
 from vlpjax import config as config_lib
 from vlpjax import evaluate
+from vlpjax import families
 from vlpjax import predict
 from vlpjax import trainer
 from vlpjax.data import shapes
@@ -120,14 +121,14 @@ def test_predict_errors_name_the_problem(straight_run, tmp_path):
 
 def test_packed_row_settings_are_checked_against_the_model():
   config = tiny_vlm_config(1)
-  assert trainer.input_config(config, trainer.get_family(config)).tokens_per_image == 4
+  assert trainer.input_config(config, families.get_family(config)).tokens_per_image == 4
   config.input.tokens_per_image = 7  # The ViT gives (16 px / 8) ** 2 = 4.
   with pytest.raises(config_lib.ConfigError, match="tokens_per_image=7.*gives 4"):
-    trainer.get_family(config)
+    families.get_family(config)
   config.input.tokens_per_image = 0
   config.input.max_images_per_row = 0
   with pytest.raises(config_lib.ConfigError, match="input.max_images_per_row must be > 0"):
-    trainer.get_family(config)
+    families.get_family(config)
 
 
 def test_captioning_eval_needs_a_family_that_captions():
@@ -136,4 +137,4 @@ def test_captioning_eval_needs_a_family_that_captions():
   siglip.evals = dict(caption=dict(type="captioning", task="shapes_captions"))
   siglip = config_lib.finalize(siglip)
   with pytest.raises(ValueError, match="evals.caption: family 'two_tower' cannot caption"):
-    build_evaluators(siglip, trainer.get_family(siglip), mesh=None)
+    build_evaluators(siglip, families.get_family(siglip), mesh=None)

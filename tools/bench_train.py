@@ -33,7 +33,7 @@ import resource
 import statistics
 import sys
 import time
-from typing import Any, Callable, Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -161,7 +161,8 @@ def measure_matmul_peak(dtype, dots=(), repeats: int = 5, squares=SQUARE_SIZES
   return {"peak_flops_per_s": best["flops_per_s"], "best": best["what"], "matmuls": results}
 
 
-def time_steps(step: Callable, state, batch, warmup: int, steps: int, sync: bool = False):
+def time_steps(step: Callable, state, batch, warmup: int, steps: int, sync: bool = False,
+               profile_dir: Optional[str] = None):
   """Per-step seconds of `steps` steps after `warmup` (the first compiles); final state.
 
   As the trainer's loop runs them (unless `sync`): step i+1 is dispatched before step i is
@@ -169,10 +170,14 @@ def time_steps(step: Callable, state, batch, warmup: int, steps: int, sync: bool
   time between the completions of the step before it and of it. With `sync`, every step is
   waited for before the next is dispatched: that adds the dispatch latency to each step
   (a few ms on a GPU; nothing measurable on CPU, where a step takes seconds).
+  `profile_dir`: a `jax.profiler` trace of the timed steps (not the warm-up) goes there.
   """
   for _ in range(warmup):
     state, metrics = step(state, batch)
     jax.block_until_ready((state, metrics))
+  if profile_dir:
+    with jax.profiler.trace(profile_dir):
+      return time_steps(step, state, batch, 0, steps, sync)
   seconds = []
 
   def record(start: float) -> float:
@@ -223,6 +228,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--config", required=True, help="path/to/config.py[:arg]")
   parser.add_argument("--warmup", type=int, default=2, help="untimed steps (the first compiles)")
   parser.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
+  parser.add_argument("--profile", default=None, metavar="DIR",
+                      help="write a jax.profiler trace of the timed steps to DIR (TensorBoard's "
+                      "profile plugin, or jax.profiler.ProfileData, reads it)")
   parser.add_argument("--sync", action="store_true",
                       help="wait for each step before dispatching the next (the step's latency; "
                       "default: queued one ahead, as the trainer runs)")
@@ -307,7 +315,7 @@ def run(args: argparse.Namespace, overrides: List[str]) -> Dict[str, Any]:
   state = setup.init_state()
   log(f"timing {args.steps} steps after {args.warmup} warm-up steps:")
   seconds, state = time_steps(setup.train_step, state, batch, args.warmup, args.steps,
-                              args.sync)
+                              args.sync, args.profile)
   del state
   host_memory.release()
   step_seconds = statistics.median(seconds)
