@@ -93,12 +93,16 @@ def test_spec_peak_unknown_device_says_what_to_do():
     bench_train.spec_peak(types.SimpleNamespace(device_kind="Abacus 9000"))
 
 
+def counted_step(state, batch):
+  """A train step whose state counts the steps that ran."""
+  return state + 1, {"loss": jnp.sum(batch) * state}
+
+
 @pytest.mark.parametrize("sync", [False, True])
 def test_time_steps_times_each_step_and_runs_them_all(sync):
-  # The state counts the steps that ran: warm-up, timed, and (queued as the trainer queues)
-  # one untimed step ahead of the timed ones and one behind them.
-  step = jax.jit(lambda state, batch: (state + 1, {"loss": jnp.sum(batch) * state}),
-                 donate_argnums=(0,))
+  # Every step counts: warm-up, timed, and (queued as the trainer queues) one untimed step
+  # ahead of the timed ones and one behind them.
+  step = jax.jit(counted_step, donate_argnums=(0,))
   seconds, state = bench_train.time_steps(step, jnp.zeros((), jnp.int32),
                                           jnp.ones((64, 64)), warmup=2, steps=3, sync=sync)
   assert len(seconds) == 3 and all(s > 0 for s in seconds)
@@ -106,9 +110,6 @@ def test_time_steps_times_each_step_and_runs_them_all(sync):
 
 
 def test_time_steps_profiles_the_timed_steps_alone(tmp_path):
-  def counted_step(state, batch):
-    return state + 1, {"loss": jnp.sum(batch) * state}
-
   step = jax.jit(counted_step, donate_argnums=(0,))
   _, state = bench_train.time_steps(step, jnp.zeros((), jnp.int32), jnp.ones((64, 64)),
                                     warmup=1, steps=2, profile_dir=str(tmp_path))

@@ -6,8 +6,8 @@
 
 No TPU is touched: libtpu (`pip install -e .[tpu]`) describes the topology's chips as
 compile-only devices, the trainer builds its mesh and shardings on them exactly as on the pod
-(`vlpjax.train_setup.build(config, devices=...)`), and XLA's TPU compiler lowers and compiles the
-step from shapes alone. The figures printed are the compiler's own, per chip:
+(`vlpjax.train_setup.build(config, devices=...)`), and XLA's TPU compiler lowers and compiles
+the step from shapes alone. The figures printed are the compiler's own, per chip:
 
   arguments    params, optimizer state and the batch shard the step reads
   outputs      what it returns minus the buffers it reuses (the donated state is aliased)

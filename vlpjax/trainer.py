@@ -27,7 +27,7 @@ from vlpjax.data import prefix_lm_pipeline
 from vlpjax.data import tasks
 from vlpjax.evaluators import build_evaluators, run_evaluators
 from vlpjax.families import input_config
-# The step's construction lives in train_setup (no input stack); `trainer.build` stays its name here.
+# The step is built in train_setup (no input stack); `trainer.build` stays a name for it.
 from vlpjax.train_setup import Setup, build
 
 
