@@ -11,7 +11,7 @@ from vlpjax import models
 from vlpjax.models import layers
 from vlpjax.models.text import TextEncoder
 from vlpjax.models.two_tower import TwoTower
-from vlpjax.models.vit import ViT, parse_variant
+from vlpjax.models.vit import PatchEmbedding, ViT, parse_variant
 from vlpjax.registry import UnknownNameError
 
 TINY = dict(width=16, depth=1, mlp_dim=32, num_heads=2)
@@ -77,6 +77,31 @@ def test_vit_output_shapes(pool_type, posemb, want):
   assert ("head" in params) == (pool_type == "map")
   assert ("cls" in params) == (pool_type == "tok")
 
+
+
+@pytest.mark.parametrize("height,width", [(16, 16), (18, 23)])
+def test_patch_embedding_is_the_strided_conv(height, width):
+  """Same params (names, shapes, initial values) and outputs as a VALID stride-p nn.Conv,
+  also when the image does not divide into patches (the conv drops the remainder)."""
+  images = jax.random.uniform(jax.random.PRNGKey(3), (2, height, width, 3), minval=-1.)
+  ours = PatchEmbedding(8, 4)
+  conv = nn.Conv(8, (4, 4), strides=(4, 4), padding="VALID",
+                 kernel_init=nn.initializers.lecun_normal())
+  params = ours.init(jax.random.PRNGKey(0), images)
+  conv_params = conv.init(jax.random.PRNGKey(0), images)
+  jax.tree.map(np.testing.assert_array_equal, nn.unbox(params), conv_params)
+  params = jax.tree.map(lambda p: p + 0.1, nn.unbox(params))  # a non-zero bias too
+  got = ours.apply(params, images)
+  assert got.shape == (2, height // 4, width // 4, 8)
+  np.testing.assert_allclose(got, conv.apply(params, images), rtol=1e-5, atol=1e-5)
+  # The kernel's gradient, what training takes from this layer.
+  grads = [jax.grad(lambda p: jnp.sum(m.apply(p, images) ** 2))(params) for m in (ours, conv)]
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), *grads)
+
+
+def test_patch_embedding_rejects_images_smaller_than_a_patch():
+  with pytest.raises(ValueError, match="smaller than one 4x4 patch"):
+    PatchEmbedding(8, 4).init(jax.random.PRNGKey(0), jnp.zeros((1, 3, 16, 3)))
 
 def test_vit_projection_head():
   model = ViT(**TINY_VIT, head_dim_out=24)

@@ -365,7 +365,9 @@ def test_scanned_vit_params_get_a_leading_replicated_axis():
   want = model.apply({"params": params}, images)[0]
   with sharding.logical_context(mesh, rules):
     got = jax.jit(lambda p: model.apply({"params": p}, images)[0])(placed)
-  np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL)
+  # Sharded matmuls sum in another order: an output near 0 among outputs of size ~5 keeps
+  # the rounding of the large terms, so the tolerance scales with the largest output.
+  np.testing.assert_allclose(got, want, rtol=RTOL, atol=RTOL * float(np.abs(want).max()) + ATOL)
 
 
 # ------------------------------------------------------------------------------ HF interop

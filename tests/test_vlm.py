@@ -307,7 +307,11 @@ def test_lora_stage_trains_only_adapters_and_projector():
   assert any(p.startswith("projector/") for p in changed)
 
 
-STEP_TOL = dict(rtol=2e-5, atol=2e-6)  # as tests/test_trainer.py (f32 sum order, Adam eps)
+# As tests/test_trainer.py (f32 sum order, Adam eps), with a looser floor: these models have
+# near-zero gradient entries (~1e-7, the projector's) whose round-off Adam's first step still
+# turns into update differences of ~1e-5 at eps=1e-6. A wrong sharding moves updates by the
+# learning rate's size (2e-3), a hundred times more.
+STEP_TOL = dict(rtol=2e-5, atol=2e-5)
 
 
 def test_fsdp_tensor_step_on_8_devices_equals_1_device():
