@@ -78,7 +78,6 @@ def test_vit_output_shapes(pool_type, posemb, want):
   assert ("cls" in params) == (pool_type == "tok")
 
 
-
 @pytest.mark.parametrize("height,width", [(16, 16), (18, 23)])
 def test_patch_embedding_is_the_strided_conv(height, width):
   """Same params (names, shapes, initial values) and outputs as a VALID stride-p nn.Conv,
@@ -102,6 +101,7 @@ def test_patch_embedding_is_the_strided_conv(height, width):
 def test_patch_embedding_rejects_images_smaller_than_a_patch():
   with pytest.raises(ValueError, match="smaller than one 4x4 patch"):
     PatchEmbedding(8, 4).init(jax.random.PRNGKey(0), jnp.zeros((1, 3, 16, 3)))
+
 
 def test_vit_projection_head():
   model = ViT(**TINY_VIT, head_dim_out=24)
