@@ -4,6 +4,7 @@ import random
 import socket
 import subprocess
 import sys
+import time
 from typing import List, Sequence
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -46,10 +47,20 @@ def start_processes(args: Sequence[str], *, num_processes: int = 2, devices_each
 
 
 def communicate_all(procs: Sequence[subprocess.Popen], timeout: float) -> List[str]:
-  """Waits for every process and returns their outputs; kills them all if that fails (a
-  timeout must not leave a process of a joined run holding the coordinator's port)."""
+  """Waits for every process and returns their outputs. Past `timeout` it kills them all (a
+  process of a joined run must not keep the coordinator's port) and fails with every
+  process's output: which one hung, and where, is the whole diagnosis."""
+  deadline = time.monotonic() + timeout
   try:
-    return [p.communicate(timeout=timeout)[0] for p in procs]
+    return [p.communicate(timeout=max(0.0, deadline - time.monotonic()))[0] for p in procs]
+  except subprocess.TimeoutExpired:
+    states = ["still running" if p.poll() is None else f"exited {p.returncode}" for p in procs]
+    for p in procs:
+      p.kill()
+    logs = [f"process {i}, {state}:\n{(p.communicate()[0] or '')[-3000:]}"
+            for i, (p, state) in enumerate(zip(procs, states))]
+    raise AssertionError(f"not all {len(procs)} processes ended within {timeout} s:\n"
+                         + "\n".join(logs)) from None
   finally:
     for p in procs:
       p.kill()

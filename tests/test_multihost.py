@@ -97,14 +97,16 @@ def test_partial_explicit_settings_fail_clearly(variable, monkeypatch):
 
 _JOIN = """
 import jax, numpy as np
-from jax.experimental import multihost_utils
 from vlpjax import sharding
 sharding.maybe_initialize_distributed({"auto": True})
-total = multihost_utils.process_allgather(np.array([jax.process_index() + 1]))
+i = jax.process_index()
+stacked = sharding.process_allgather(np.array([i + 1]))
+tiled = sharding.process_allgather(np.full((2, 3), i), tiled=True)
+assert stacked.shape == (2, 1) and tiled.shape == (4, 3), (stacked.shape, tiled.shape)
+assert (tiled == np.repeat([[0], [1]], 2, axis=0)).all(), tiled
 # One string, one write: gloo logs to the same pipe from C++, and print's separate pieces
 # (unbuffered) could be split by its messages.
-print(f"joined {jax.process_index()} {jax.process_count()} {jax.device_count()} {int(total.sum())}",
-      flush=True)
+print(f"joined {i} {jax.process_count()} {jax.device_count()} {int(stacked.sum())}", flush=True)
 """
 
 
@@ -129,6 +131,6 @@ def test_processes_join_from_the_environment(kind):
       stderr=subprocess.STDOUT, env={**processes.env_with_devices(4), **_cluster_env(kind, i, port)})
            for i in range(2)]
   logs = processes.communicate_all(procs, timeout=120)
-  for i, log in enumerate(logs):
+  for i, (proc, log) in enumerate(zip(procs, logs)):
     # Process i of 2, 8 devices in all, and a collective over both processes (1 + 2).
-    assert f"joined {i} 2 8 3" in log, log[-2000:]
+    assert f"joined {i} 2 8 3" in log and proc.returncode == 0, log[-2000:]

@@ -356,3 +356,30 @@ def maybe_initialize_distributed(distributed_config) -> None:
   if jax.process_count() > 1:
     logging.info("Process %d of %d; %d local / %d global devices.", jax.process_index(),
                  jax.process_count(), jax.local_device_count(), jax.device_count())
+
+
+def _identity(x):
+  return x
+
+
+def process_allgather(local: np.ndarray, tiled: bool = False) -> np.ndarray:
+  """Every process's `local` array in process order: stacked on a new leading axis, or
+  concatenated along axis 0 with `tiled`. The same on every process.
+
+  Like `jax.experimental.multihost_utils.process_allgather`, except that it returns only when
+  every local device has finished the all-gather. JAX's reads the first local device's copy
+  and returns while the other local devices may still be inside the collective; a process
+  that exits then can leave its peer waiting for ever (seen with XLA:CPU's gloo collectives,
+  jax 0.10: a device thread of the peer connecting to the gone process while the CPU
+  client's destructor waits for that thread, about one exit in 40 under load).
+  """
+  local = np.asarray(local)
+  if jax.process_count() == 1:
+    return local if tiled else local[None]
+  devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
+  mesh = Mesh(np.array(devices).reshape(jax.process_count(), -1), ("processes", "local"))
+  rows = jax.make_array_from_process_local_data(
+      NamedSharding(mesh, PartitionSpec("processes")), local[None])
+  gathered = jax.jit(_identity, out_shardings=NamedSharding(mesh, PartitionSpec()))(rows)
+  gathered = np.asarray(jax.block_until_ready(gathered).addressable_data(0))
+  return gathered.reshape((-1,) + local.shape[1:]) if tiled else gathered

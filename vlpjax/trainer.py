@@ -128,6 +128,16 @@ def _device_batches(config, setup: Setup, batches) -> prefetch.DevicePrefetch:
   return prefetch.DevicePrefetch(_counted(batches), to_device, size)
 
 
+def _finish_on_every_device(state) -> None:
+  """Waits for every shard of `state`, not only the one the host reads a value from.
+
+  A replicated value (the step, a metric) comes from the first local device while the others
+  may still be inside the step's collectives; a process that exits then can hang its peers
+  (see `sharding.process_allgather`).
+  """
+  jax.block_until_ready(state)
+
+
 def _check_finite(step: int, scalars: Dict[str, float]) -> None:
   loss = scalars["loss"]
   if not np.isfinite(loss):
@@ -206,12 +216,14 @@ class Loop:
             self._say(f"checkpoint saved at step {done}")
           if preempted:
             ckpt.wait()
+            _finish_on_every_device(state)
             raise preemption.PreemptedError(
                 f"preempted (SIGTERM) at step {done}: checkpoint {done} is committed in "
                 f"{workdir}; re-run the same command to resume.")
           results.update(self._run_evals(evaluators, state, done, writer, ckpt))
       if pending is not None:
         self._handle_metrics(*pending, progress, writer)
+      _finish_on_every_device(state)
     finally:
       device_input.close()  # First: a stop (NaN, preemption, Ctrl-C) must not wait on it.
       watch.close()

@@ -3,7 +3,6 @@ import dataclasses
 from typing import Callable, Dict, Iterable, List
 
 import jax
-from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
@@ -30,13 +29,18 @@ class EvalData:
 
 
 def replicated_jit(fn: Callable, mesh, rules):
-  """jit `fn(params, batch_array)` with the output gathered on every host."""
+  """jit `fn(params, batch_array)` with the output gathered on every host.
+
+  A call returns once every local device has its copy: the caller reads one of them, and a
+  device still inside the gather when its process exits can hang a peer process (see
+  `sharding.process_allgather`).
+  """
   out = NamedSharding(mesh, PartitionSpec())
   jitted = jax.jit(fn, out_shardings=out)
 
   def call(params, array):
     with sharding.logical_context(mesh, rules):
-      return jitted(params, array)
+      return jax.block_until_ready(jitted(params, array))
   return call
 
 
@@ -57,9 +61,9 @@ def gather_hosts(local: np.ndarray) -> np.ndarray:
     # Without x64 JAX would truncate 64-bit values (e.g. id hashes) to 32 bits: send each as
     # two 32-bit halves instead.
     halves = np.ascontiguousarray(local).view(np.int32)
-    gathered = np.asarray(multihost_utils.process_allgather(halves, tiled=True))
+    gathered = sharding.process_allgather(halves, tiled=True)
     return np.ascontiguousarray(gathered).view(local.dtype)
-  return np.asarray(multihost_utils.process_allgather(local, tiled=True))
+  return sharding.process_allgather(local, tiled=True)
 
 
 def make_embedder(cfg, *, config, family, mesh) -> "DatasetEmbedder":
