@@ -368,10 +368,10 @@ def process_allgather(local: np.ndarray, tiled: bool = False) -> np.ndarray:
 
   Like `jax.experimental.multihost_utils.process_allgather`, except that it returns only when
   every local device has finished the all-gather. JAX's reads the first local device's copy
-  and returns while the other local devices may still be inside the collective; a process
-  that exits then can leave its peer waiting for ever (seen with XLA:CPU's gloo collectives,
-  jax 0.10: a device thread of the peer connecting to the gone process while the CPU
-  client's destructor waits for that thread, about one exit in 40 under load).
+  and returns while the other local devices may still be inside the collective. If the
+  process exits then, JAX shuts the coordination service down while such a device is still
+  arranging its gloo connection through it, and the CPU client's destructor waits for that
+  device: the process hangs (jax 0.10, about one exit in 40 on a loaded 2-core host).
   """
   local = np.asarray(local)
   if jax.process_count() == 1:
