@@ -132,7 +132,7 @@ def _finish_on_every_device(state) -> None:
   """Waits for every shard of `state`, not only the one the host reads a value from.
 
   A replicated value (the step, a metric) comes from the first local device while the others
-  may still be inside the step's collectives; a process that exits then can hang its peers
+  may still be inside the step's collectives; a process that exits then can hang in its exit
   (see `sharding.process_allgather`).
   """
   jax.block_until_ready(state)

@@ -32,7 +32,7 @@ def replicated_jit(fn: Callable, mesh, rules):
   """jit `fn(params, batch_array)` with the output gathered on every host.
 
   A call returns once every local device has its copy: the caller reads one of them, and a
-  device still inside the gather when its process exits can hang a peer process (see
+  device still inside the gather when its process exits can hang that exit (see
   `sharding.process_allgather`).
   """
   out = NamedSharding(mesh, PartitionSpec())
