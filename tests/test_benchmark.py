@@ -109,6 +109,31 @@ def test_time_steps_times_each_step_and_runs_them_all(sync):
   assert int(state) == 2 + 3 + (0 if sync else 2)
 
 
+def test_time_alternating_takes_the_steps_in_turns():
+  # Each step logs its name when it runs: warm-ups first, then rounds whose order flips.
+  ran = []
+
+  def named_step(name):
+    def step(state, batch):
+      ran.append(name)
+      return counted_step(state, batch)
+    return step
+
+  runs = {name: (named_step(name), jnp.zeros((), jnp.int32), jnp.ones((8, 8)))
+          for name in ("a", "b")}
+  seconds = bench_train.time_alternating(runs, warmup=2, steps=3)
+  assert ran == ["a", "a", "b", "b"] + ["a", "b", "b", "a", "a", "b"]
+  assert {name: len(s) for name, s in seconds.items()} == {"a": 3, "b": 3}
+  assert all(s > 0 for times in seconds.values() for s in times)
+
+
+def test_interleaved_reference_timing_cannot_be_profiled(tmp_path, capsys):
+  # Refused before anything is built: the trace would hold both models' steps.
+  code = benchmark.main(["train", "--config", "experiments/siglip_shapes.py", "--reference",
+                         "big_vision", "--interleave", "--profile", str(tmp_path)])
+  assert code == 2 and "--interleave" in capsys.readouterr().err
+
+
 def test_time_steps_profiles_the_timed_steps_alone(tmp_path):
   step = jax.jit(counted_step, donate_argnums=(0,))
   _, state = bench_train.time_steps(step, jnp.zeros((), jnp.int32), jnp.ones((64, 64)),

@@ -108,15 +108,18 @@ class BigVisionTwoTower:
 
     return tx, jax.jit(step, donate_argnums=(0,))
 
+  def prepare(self, batch: Dict[str, np.ndarray]):
+    """(jitted step, initial state, device batch) for `batch`, ready to time."""
+    tx, step = self._make_step()
+    batch = {k: jnp.asarray(batch[k]) for k in ("image", "texts")}
+    params = jax.jit(self.model.init)(jax.random.key(0), batch["image"][:1],
+                                      batch["texts"][:1])["params"]
+    return step, (params, tx.init(params)), batch
+
   def time(self, batch: Dict[str, np.ndarray], warmup: int, steps: int, sync: bool = False
            ) -> List[float]:
     """Seconds per step (after `warmup` untimed steps) on the default device, timed as
     `bench_train.time_steps` times the project's step."""
     from tools import bench_train  # pylint: disable=g-import-not-at-top
-    tx, step = self._make_step()
-    batch = {k: jnp.asarray(batch[k]) for k in ("image", "texts")}
-    params = jax.jit(self.model.init)(jax.random.key(0), batch["image"][:1],
-                                      batch["texts"][:1])["params"]
-    state = (params, tx.init(params))
-    seconds, _ = bench_train.time_steps(step, state, batch, warmup, steps, sync)
+    seconds, _ = bench_train.time_steps(*self.prepare(batch), warmup, steps, sync)
     return seconds

@@ -205,6 +205,37 @@ def time_steps(step: Callable, state, batch, warmup: int, steps: int, sync: bool
   return seconds, state
 
 
+def time_alternating(runs: Dict[str, Tuple[Callable, Any, Any]], warmup: int, steps: int
+                     ) -> Dict[str, List[float]]:
+  """Per-step seconds of each named (step, state, batch), the steps taken in turns.
+
+  Why: two steps timed one block after the other also measure how the machine drifted in
+  between (on a shared 2-core host a step's time moves by several percent within minutes),
+  and that lands wholly on their ratio. In turns, both see the same drift. Each step is
+  waited for before the next starts (they share the device), and the order flips every round
+  so that neither always runs first after the other's memory traffic. The price: every state
+  stays resident, so each step runs with less free memory than alone (on the 2-core CPU host
+  both SigLIP B/16 steps ran 5-11% slower in turns), which is why it is not the default.
+  """
+  states = {}
+  for name, (step, state, batch) in runs.items():
+    for _ in range(warmup):
+      state, metrics = step(state, batch)
+      jax.block_until_ready((state, metrics))
+    states[name] = state
+  seconds: Dict[str, List[float]] = {name: [] for name in runs}
+  names = list(runs)
+  for round_ in range(steps):
+    for name in (names if round_ % 2 == 0 else names[::-1]):
+      step, _, batch = runs[name]
+      start = time.perf_counter()
+      states[name], metrics = step(states[name], batch)
+      jax.block_until_ready((states[name], metrics))
+      seconds[name].append(time.perf_counter() - start)
+      log(f"  {name} step {round_ + 1}/{steps}: {seconds[name][-1]:.3f} s")
+  return seconds
+
+
 def memory_figures(compiled) -> Dict[str, Any]:
   out: Dict[str, Any] = {}
   analysis = compiled.memory_analysis()
@@ -241,6 +272,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="also time this reference implementation in the same run")
   parser.add_argument("--big_vision_dir", default=None,
                       help="a big_vision checkout (default: $BIG_VISION_DIR)")
+  parser.add_argument("--interleave", action="store_true",
+                      help="with --reference: time the two steps in turns, each waited for, "
+                      "both states resident (default: the project's steps, then the "
+                      "reference's; docs/benchmarks.md compares the two ways)")
 
 
 def run(args: argparse.Namespace, overrides: List[str]) -> Dict[str, Any]:
@@ -253,6 +288,10 @@ def run(args: argparse.Namespace, overrides: List[str]) -> Dict[str, Any]:
   if args.steps < 1 or args.warmup < 1:
     raise ValueError(f"--steps and --warmup must be >= 1 (the first step compiles), got "
                      f"{args.steps} and {args.warmup}.")
+  interleave = bool(args.reference) and args.interleave
+  if interleave and args.profile:
+    raise ValueError("--profile traces the project's steps alone; it cannot be taken with "
+                     "--interleave.")
   config = train.load_config(args.config, overrides)
   reference = None
   if args.reference:
@@ -313,14 +352,23 @@ def run(args: argparse.Namespace, overrides: List[str]) -> Dict[str, Any]:
   local = synthetic_batch(setup.family.input_specs(batch_size), config.seed)
   batch = sharding.global_batch(local, setup.mesh, config.sharding_rules)
   state = setup.init_state()
-  log(f"timing {args.steps} steps after {args.warmup} warm-up steps:")
-  seconds, state = time_steps(setup.train_step, state, batch, args.warmup, args.steps,
-                              args.sync, args.profile)
+  ref_seconds = None
+  if interleave:
+    log(f"timing {args.steps} steps of vlpjax and of big_vision in turns, after "
+        f"{args.warmup} warm-up steps each:")
+    both = time_alternating({"vlpjax": (setup.train_step, state, batch),
+                             "big_vision": reference.prepare(local)}, args.warmup, args.steps)
+    seconds, ref_seconds = both["vlpjax"], both["big_vision"]
+  else:
+    log(f"timing {args.steps} steps after {args.warmup} warm-up steps:")
+    seconds, state = time_steps(setup.train_step, state, batch, args.warmup, args.steps,
+                                args.sync, args.profile)
   del state
   host_memory.release()
   step_seconds = statistics.median(seconds)
   result.update({
-      "step_seconds_all": seconds, "step_seconds": step_seconds, "sync": args.sync,
+      "step_seconds_all": seconds, "step_seconds": step_seconds,
+      "sync": args.sync or interleave, "timing": "in turns" if interleave else "in a row",
       "examples_per_s": batch_size / step_seconds,
       "model_flops_per_s": model["total"] / step_seconds,
       "mfu": model["total"] / step_seconds / peak,
@@ -331,8 +379,9 @@ def run(args: argparse.Namespace, overrides: List[str]) -> Dict[str, Any]:
       f"{peak / 1e9:.0f} GFLOP/s")
 
   if reference is not None:
-    log("timing the reference (big_vision) step:")
-    ref_seconds = reference.time(local, args.warmup, args.steps, args.sync)
+    if ref_seconds is None:
+      log("timing the reference (big_vision) step:")
+      ref_seconds = reference.time(local, args.warmup, args.steps, args.sync)
     ref_median = statistics.median(ref_seconds)
     result["reference"] = {
         "name": "big_vision", **reference.describe(), "step_seconds_all": ref_seconds,
