@@ -127,11 +127,14 @@ def test_time_alternating_takes_the_steps_in_turns():
   assert all(s > 0 for times in seconds.values() for s in times)
 
 
-def test_interleaved_reference_timing_cannot_be_profiled(tmp_path, capsys):
-  # Refused before anything is built: the trace would hold both models' steps.
+def test_interleaved_timing_needs_a_reference_and_no_profile(tmp_path, capsys):
+  # Refused before anything is built; a trace would hold both models' steps.
   code = benchmark.main(["train", "--config", "experiments/siglip_shapes.py", "--reference",
                          "big_vision", "--interleave", "--profile", str(tmp_path)])
   assert code == 2 and "--interleave" in capsys.readouterr().err
+  # And without a reference there is nothing to take turns with.
+  code = benchmark.main(["train", "--config", "experiments/siglip_shapes.py", "--interleave"])
+  assert code == 2 and "--reference big_vision" in capsys.readouterr().err
 
 
 def test_time_steps_profiles_the_timed_steps_alone(tmp_path):

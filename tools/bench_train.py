@@ -288,7 +288,10 @@ def run(args: argparse.Namespace, overrides: List[str]) -> Dict[str, Any]:
   if args.steps < 1 or args.warmup < 1:
     raise ValueError(f"--steps and --warmup must be >= 1 (the first step compiles), got "
                      f"{args.steps} and {args.warmup}.")
-  interleave = bool(args.reference) and args.interleave
+  interleave = args.interleave
+  if interleave and not args.reference:
+    raise ValueError("--interleave times the project's step in turns with a reference's; "
+                     "add --reference big_vision.")
   if interleave and args.profile:
     raise ValueError("--profile traces the project's steps alone; it cannot be taken with "
                      "--interleave.")
