@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 import types
 
 import jax
@@ -121,10 +122,30 @@ def test_time_alternating_takes_the_steps_in_turns():
 
   runs = {name: (named_step(name), jnp.zeros((), jnp.int32), jnp.ones((8, 8)))
           for name in ("a", "b")}
-  seconds = bench_train.time_alternating(runs, warmup=2, steps=3)
+  clocks = bench_train.time_alternating(runs, warmup=2, steps=3)
   assert ran == ["a", "a", "b", "b"] + ["a", "b", "b", "a", "a", "b"]
-  assert {name: len(s) for name, s in seconds.items()} == {"a": 3, "b": 3}
-  assert all(s > 0 for times in seconds.values() for s in times)
+  assert {name: len(c.seconds) for name, c in clocks.items()} == {"a": 3, "b": 3}
+  assert all(s > 0 for c in clocks.values() for s in c.seconds)
+
+
+def test_step_clock_tells_a_busy_process_from_one_that_waits():
+  # Busy in this process: CPU seconds track the wall. Waiting on a child that burns the CPU:
+  # the wall passes, this process's CPU seconds do not (the host "had someone else").
+  clock = bench_train.StepClock()
+  clock.start()
+  deadline = time.process_time() + 0.3
+  while time.process_time() < deadline:
+    pass
+  clock.lap()
+  subprocess.run([sys.executable, "-c", "import time\nt = time.process_time() + 0.3\n"
+                  "while time.process_time() < t: pass"], check=True)
+  clock.lap()
+  busy, waiting = (c / s for c, s in zip(clock.cpu_seconds, clock.seconds))
+  assert busy > 0.8 and clock.seconds[1] >= 0.3 and waiting < 0.3
+  summary = clock.summary()
+  assert summary["process_cpu_seconds_all"] == clock.cpu_seconds
+  assert summary["cores_busy"] == pytest.approx((busy + waiting) / 2)
+  assert all(s is None or s >= 0 for s in summary["steal_seconds_all"])
 
 
 def test_interleaved_timing_needs_a_reference_and_no_profile(tmp_path, capsys):
@@ -166,6 +187,9 @@ def test_train_benchmark_figures_are_consistent(tmp_path):
   assert result["xla_flops"] > 0.5 * result["model_flops"]
   assert len(result["step_seconds_all"]) == 2
   assert result["step_seconds"] == pytest.approx(np.median(result["step_seconds_all"]))
+  # Each timed step's host figures: the process computed (on the CPU backend, itself).
+  assert len(result["host"]["process_cpu_seconds_all"]) == 2
+  assert 0 < result["host"]["cores_busy"] <= os.cpu_count() + 0.5
   # MFU by its definition, against the best matmul measured in the run.
   peak = max(m["flops_per_s"] for m in result["peak"]["matmuls"])
   assert result["peak_flops_per_s"] == pytest.approx(peak)

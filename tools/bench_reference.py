@@ -116,10 +116,11 @@ class BigVisionTwoTower:
                                       batch["texts"][:1])["params"]
     return step, (params, tx.init(params)), batch
 
-  def time(self, batch: Dict[str, np.ndarray], warmup: int, steps: int, sync: bool = False
-           ) -> List[float]:
+  def time(self, batch: Dict[str, np.ndarray], warmup: int, steps: int, sync: bool = False,
+           clock=None) -> List[float]:
     """Seconds per step (after `warmup` untimed steps) on the default device, timed as
-    `bench_train.time_steps` times the project's step."""
+    `bench_train.time_steps` times the project's step (`clock`: a `bench_train.StepClock`
+    that also records the host figures)."""
     from tools import bench_train  # pylint: disable=g-import-not-at-top
-    seconds, _ = bench_train.time_steps(*self.prepare(batch), warmup, steps, sync)
+    seconds, _ = bench_train.time_steps(*self.prepare(batch), warmup, steps, sync, clock=clock)
     return seconds

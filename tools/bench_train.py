@@ -23,6 +23,9 @@ Figures (JSON):
   mfu                   model_flops / step_seconds / peak_flops_per_s
   memory                the compiled step's buffers per device; the device allocator's peak
                         where it has one (GPU/TPU); the process's peak RSS on CPU
+  host                  per timed step, the process's CPU seconds and the host's steal
+                        seconds (Linux), and the median cores busy (CPU s / wall s): whether
+                        a slow step on a shared host was the step or the host (`StepClock`)
 `--reference big_vision` times big_vision's two-tower model in a plain jitted sigmoid-loss
 AdamW step on the same batch in the same run (`tools/bench_reference.py`).
 """
@@ -52,6 +55,61 @@ SQUARE_SIZES = (1024, 2048, 4096)
 
 def log(line: str) -> None:
   print(line, file=sys.stderr, flush=True)
+
+
+def _steal_seconds() -> Optional[float]:
+  """The machine's CPU time taken by other guests of the hypervisor (Linux), else None."""
+  try:
+    with open("/proc/stat", encoding="ascii") as f:
+      fields = f.readline().split()  # "cpu user nice system idle iowait irq softirq steal ..."
+    return int(fields[8]) / os.sysconf("SC_CLK_TCK")
+  except (OSError, IndexError, ValueError):
+    return None
+
+
+class StepClock:
+  """Wall seconds per step, with the process's CPU seconds and the host's steal over each.
+
+  Why: on a shared VM a step's time moves by several percent within minutes, and the wall
+  time alone cannot say whether the step or the host changed. CPU seconds per wall second
+  ("cores busy") near the core count means the step had the machine; fewer, or steal time
+  growing, means something else had part of it.
+  """
+
+  def __init__(self):
+    self.seconds: List[float] = []
+    self.cpu_seconds: List[float] = []
+    self.steal_seconds: List[Optional[float]] = []
+    self._last = None
+
+  @staticmethod
+  def _read() -> Tuple[float, float, Optional[float]]:
+    times = os.times()
+    return time.perf_counter(), times.user + times.system, _steal_seconds()
+
+  def start(self) -> None:
+    self._last = self._read()
+
+  def lap(self) -> float:
+    """Closes the step that began at the last `start` or `lap`; its wall seconds."""
+    now = self._read()
+    (wall0, cpu0, steal0), (wall1, cpu1, steal1) = self._last, now
+    self._last = now
+    self.seconds.append(wall1 - wall0)
+    self.cpu_seconds.append(cpu1 - cpu0)
+    self.steal_seconds.append(None if steal0 is None or steal1 is None else steal1 - steal0)
+    return self.seconds[-1]
+
+  def describe_last(self) -> str:
+    text = (f"{self.seconds[-1]:.3f} s ({self.cpu_seconds[-1] / self.seconds[-1]:.2f} cores "
+            "busy")
+    steal = self.steal_seconds[-1]
+    return text + ("" if steal is None else f", {steal:.2f} s stolen") + ")"
+
+  def summary(self) -> Dict[str, Any]:
+    """The per-step host figures for the JSON."""
+    return {"process_cpu_seconds_all": self.cpu_seconds, "steal_seconds_all": self.steal_seconds,
+            "cores_busy": statistics.median(c / s for c, s in zip(self.cpu_seconds, self.seconds))}
 
 
 def spec_peak(device) -> float:
@@ -162,7 +220,7 @@ def measure_matmul_peak(dtype, dots=(), repeats: int = 5, squares=SQUARE_SIZES
 
 
 def time_steps(step: Callable, state, batch, warmup: int, steps: int, sync: bool = False,
-               profile_dir: Optional[str] = None):
+               profile_dir: Optional[str] = None, clock: Optional[StepClock] = None):
   """Per-step seconds of `steps` steps after `warmup` (the first compiles); final state.
 
   As the trainer's loop runs them (unless `sync`): step i+1 is dispatched before step i is
@@ -171,43 +229,44 @@ def time_steps(step: Callable, state, batch, warmup: int, steps: int, sync: bool
   waited for before the next is dispatched: that adds the dispatch latency to each step
   (a few ms on a GPU; nothing measurable on CPU, where a step takes seconds).
   `profile_dir`: a `jax.profiler` trace of the timed steps (not the warm-up) goes there.
+  `clock`: records each step's host figures too (`StepClock`).
   """
   for _ in range(warmup):
     state, metrics = step(state, batch)
     jax.block_until_ready((state, metrics))
   if profile_dir:
     with jax.profiler.trace(profile_dir):
-      return time_steps(step, state, batch, 0, steps, sync)
-  seconds = []
+      return time_steps(step, state, batch, 0, steps, sync, clock=clock)
+  clock = clock or StepClock()
 
-  def record(start: float) -> float:
-    now = time.perf_counter()
-    seconds.append(now - start)
-    log(f"  step {len(seconds)}/{steps}: {seconds[-1]:.3f} s")
-    return now
+  def lap() -> None:
+    clock.lap()
+    log(f"  step {len(clock.seconds)}/{steps}: {clock.describe_last()}")
 
   if sync:
     for _ in range(steps):
-      start = time.perf_counter()
+      clock.start()
       state, metrics = step(state, batch)
       jax.block_until_ready((state, metrics))
-      record(start)
-    return seconds, state
+      lap()
+    return clock.seconds, state
   # One untimed step heads the queue: the first timed one is dispatched while it runs.
   state, pending = step(state, batch)
-  last = None
-  for _ in range(steps + 1):
+  for i in range(steps + 1):
     state, metrics = step(state, batch)
     jax.block_until_ready(pending)
-    last = time.perf_counter() if last is None else record(last)
+    if i:
+      lap()
+    else:
+      clock.start()
     pending = metrics
   jax.block_until_ready((state, pending))  # The extra step queued last: not timed.
-  return seconds, state
+  return clock.seconds, state
 
 
 def time_alternating(runs: Dict[str, Tuple[Callable, Any, Any]], warmup: int, steps: int
-                     ) -> Dict[str, List[float]]:
-  """Per-step seconds of each named (step, state, batch), the steps taken in turns.
+                     ) -> Dict[str, StepClock]:
+  """Per-step figures (`StepClock`) of each named (step, state, batch), the steps taken in turns.
 
   Why: two steps timed one block after the other also measure how the machine drifted in
   between (on a shared 2-core host a step's time moves by several percent within minutes),
@@ -223,17 +282,17 @@ def time_alternating(runs: Dict[str, Tuple[Callable, Any, Any]], warmup: int, st
       state, metrics = step(state, batch)
       jax.block_until_ready((state, metrics))
     states[name] = state
-  seconds: Dict[str, List[float]] = {name: [] for name in runs}
+  clocks = {name: StepClock() for name in runs}
   names = list(runs)
   for round_ in range(steps):
     for name in (names if round_ % 2 == 0 else names[::-1]):
       step, _, batch = runs[name]
-      start = time.perf_counter()
+      clocks[name].start()
       states[name], metrics = step(states[name], batch)
       jax.block_until_ready((states[name], metrics))
-      seconds[name].append(time.perf_counter() - start)
-      log(f"  {name} step {round_ + 1}/{steps}: {seconds[name][-1]:.3f} s")
-  return seconds
+      clocks[name].lap()
+      log(f"  {name} step {round_ + 1}/{steps}: {clocks[name].describe_last()}")
+  return clocks
 
 
 def memory_figures(compiled) -> Dict[str, Any]:
@@ -355,17 +414,18 @@ def run(args: argparse.Namespace, overrides: List[str]) -> Dict[str, Any]:
   local = synthetic_batch(setup.family.input_specs(batch_size), config.seed)
   batch = sharding.global_batch(local, setup.mesh, config.sharding_rules)
   state = setup.init_state()
-  ref_seconds = None
+  clock, ref_clock = StepClock(), None
   if interleave:
     log(f"timing {args.steps} steps of vlpjax and of big_vision in turns, after "
         f"{args.warmup} warm-up steps each:")
     both = time_alternating({"vlpjax": (setup.train_step, state, batch),
                              "big_vision": reference.prepare(local)}, args.warmup, args.steps)
-    seconds, ref_seconds = both["vlpjax"], both["big_vision"]
+    clock, ref_clock = both["vlpjax"], both["big_vision"]
+    seconds = clock.seconds
   else:
     log(f"timing {args.steps} steps after {args.warmup} warm-up steps:")
     seconds, state = time_steps(setup.train_step, state, batch, args.warmup, args.steps,
-                                args.sync, args.profile)
+                                args.sync, args.profile, clock)
   del state
   host_memory.release()
   step_seconds = statistics.median(seconds)
@@ -375,6 +435,7 @@ def run(args: argparse.Namespace, overrides: List[str]) -> Dict[str, Any]:
       "examples_per_s": batch_size / step_seconds,
       "model_flops_per_s": model["total"] / step_seconds,
       "mfu": model["total"] / step_seconds / peak,
+      "host": clock.summary(),
       "memory": memory_figures(compiled),
   })
   log(f"step {step_seconds:.3f} s, {batch_size / step_seconds:.2f} examples/s, "
@@ -382,13 +443,15 @@ def run(args: argparse.Namespace, overrides: List[str]) -> Dict[str, Any]:
       f"{peak / 1e9:.0f} GFLOP/s")
 
   if reference is not None:
-    if ref_seconds is None:
+    if ref_clock is None:
       log("timing the reference (big_vision) step:")
-      ref_seconds = reference.time(local, args.warmup, args.steps, args.sync)
+      ref_clock = StepClock()
+      reference.time(local, args.warmup, args.steps, args.sync, ref_clock)
+    ref_seconds = ref_clock.seconds
     ref_median = statistics.median(ref_seconds)
     result["reference"] = {
         "name": "big_vision", **reference.describe(), "step_seconds_all": ref_seconds,
-        "step_seconds": ref_median,
+        "step_seconds": ref_median, "host": ref_clock.summary(),
         "mfu": model["total"] / ref_median / peak,
         "step_time_ratio": step_seconds / ref_median}
     log(f"big_vision step {ref_median:.3f} s (MFU {result['reference']['mfu']:.1%}); "
