@@ -73,7 +73,8 @@ class StepClock:
   Why: on a shared VM a step's time moves by several percent within minutes, and the wall
   time alone cannot say whether the step or the host changed. CPU seconds per wall second
   ("cores busy") near the core count means the step had the machine; fewer, or steal time
-  growing, means something else had part of it.
+  growing, means something else had part of it. On a GPU or TPU the CPU seconds are the
+  host's side of the step only (dispatch, transfers), so there they say nothing of the device.
   """
 
   def __init__(self):
