@@ -6,7 +6,6 @@ import importlib.util
 import json
 import os
 import re
-import time
 
 import jax
 import jax.numpy as jnp
@@ -289,13 +288,11 @@ def test_a_step_the_compiler_cannot_place_is_reported_as_not_fitting(capsys):
 
 @pytest.mark.usefixtures("libtpu")
 def test_a_batch_the_topology_cannot_split_fails_before_compiling(capsys):
-  start = time.perf_counter()
   assert aot_compile.main(["--config", f"{DEMO}:batch=12", "--topology", "v5e-8"] + TINY) == 2
   captured = capsys.readouterr()
   assert "Config error: global_batch_size=12" in captured.err
   assert "not divisible by the 8-way batch sharding" in captured.err
-  assert "compiled in" not in captured.out
-  assert time.perf_counter() - start < 30
+  assert "compiled in" not in captured.out   # it stopped before the compiler ran
 
 
 # ---------------------------------------------------------------------------------- pods
