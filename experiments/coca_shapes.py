@@ -69,5 +69,6 @@ def get_config(arg=None):
                     templates=["a {}", "a picture of a {}", "{}"]),
   )
   c.log_every_steps = 50
+  c.steps_per_call = 10  # steps per compiled call, as in siglip_shapes.py
   c.checkpoint = dict(every_steps=400, max_to_keep=2, async_save=True)
   return c

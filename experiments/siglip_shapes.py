@@ -65,5 +65,9 @@ def get_config(arg=None):
                          batch_size=256),
   )
   c.log_every_steps = 50
+  # 10 steps per compiled call (a lax.scan): on CPU each call costs a fresh buffer of
+  # temporaries, paid once per 10 steps so (0.18 -> 0.15 s per step here). Logs,
+  # evals and checkpoints fall on multiples of 10.
+  c.steps_per_call = 10
   c.checkpoint = dict(every_steps=500, max_to_keep=2, async_save=True)
   return c

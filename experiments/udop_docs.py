@@ -87,5 +87,6 @@ def get_config(arg=None):
           prompt_length=192, max_target_length=8),
   )
   c.log_every_steps = 50
+  c.steps_per_call = 10  # steps per compiled call, as in siglip_shapes.py
   c.checkpoint = dict(every_steps=500, max_to_keep=2, async_save=True)
   return c

@@ -77,5 +77,6 @@ def get_config(arg=None):
           max_target_length=4, mode=arg.grounding),
   )
   c.log_every_steps = 50
+  c.steps_per_call = 10  # steps per compiled call, as in siglip_shapes.py
   c.checkpoint = dict(every_steps=500, max_to_keep=2, async_save=True)
   return c

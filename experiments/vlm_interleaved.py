@@ -56,5 +56,6 @@ def get_config(arg=None):
   c.evals = dict(loss_with_images=dict(held_out, drop_images=False),
                  loss_without_images=dict(held_out, drop_images=True))
   c.log_every_steps = 50
+  c.steps_per_call = 10  # steps per compiled call, as in siglip_shapes.py
   c.checkpoint = dict(every_steps=400, max_to_keep=2, async_save=True)
   return c

@@ -162,6 +162,12 @@ def test_interleaved_timing_needs_a_reference_and_no_profile(tmp_path, capsys):
   assert code == 2 and "--reference big_vision" in capsys.readouterr().err
 
 
+def test_reference_steps_per_call_needs_a_reference(capsys):
+  code = benchmark.main(["train", "--config", "experiments/siglip_shapes.py",
+                         "--reference_steps_per_call", "4"])
+  assert code == 2 and "--reference" in capsys.readouterr().err
+
+
 def test_time_steps_profiles_the_timed_steps_alone(tmp_path):
   step = jax.jit(counted_step, donate_argnums=(0,))
   _, state = bench_train.time_steps(step, jnp.zeros((), jnp.int32), jnp.ones((64, 64)),
@@ -175,13 +181,18 @@ def test_time_steps_profiles_the_timed_steps_alone(tmp_path):
   assert "backend_compile_and_load" not in events
 
 
-def test_train_benchmark_figures_are_consistent(tmp_path):
+@pytest.mark.parametrize("per_call", [1, 2])
+def test_train_benchmark_figures_are_consistent(tmp_path, per_call):
   out = tmp_path / "train.json"
   code = benchmark.main(["--out", str(out), "train", "--config",
                          os.path.join(REPO, "experiments", "siglip_shapes.py") + ":batch=16",
-                         "--steps", "2", "--warmup", "1", "--config.total_steps=10"])
+                         "--steps", "2", "--warmup", "1", "--config.total_steps=10",
+                         f"--config.steps_per_call={per_call}"])
   assert code == 0
   result = json.loads(out.read_text())
+  # Each call ran per_call steps: 1 warm-up, 1 queued ahead, 2 timed, 1 queued behind.
+  assert result["steps_per_call"] == per_call
+  assert result["steps_run"] == per_call * (1 + 1 + 2 + 1)
   config, family = _family("siglip_shapes", "batch=16")
   assert result["global_batch_size"] == 16
   # Analytic model FLOPs as vlpjax.flops defines them, and close to the traced step's

@@ -89,7 +89,7 @@ class BigVisionTwoTower:
             "optimizer": f"optax.adamw(lr={self.config.optim.lr}, "
                          f"weight_decay={self.config.optim.weight_decay})"}
 
-  def _make_step(self):
+  def _make_step(self, steps_per_call: int = 1):
     model = self.model
     tx = optax.adamw(self.config.optim.lr, b2=self.config.optim.get("b2", 0.999),
                      weight_decay=self.config.optim.weight_decay)
@@ -106,21 +106,31 @@ class BigVisionTwoTower:
       updates, opt_state = tx.update(grads, opt_state, params)
       return (optax.apply_updates(params, updates), opt_state), loss
 
+    if steps_per_call > 1:
+      # The same loop as vlpjax's `steps_per_call`: K steps in one program, on K copies of
+      # the batch, so that both steps can be compared under one loop.
+      def steps(state, batch):
+        stacked = jax.tree.map(lambda x: jnp.stack([x] * steps_per_call), batch)
+        return jax.lax.scan(step, state, stacked)
+      return tx, jax.jit(steps, donate_argnums=(0,))
     return tx, jax.jit(step, donate_argnums=(0,))
 
-  def prepare(self, batch: Dict[str, np.ndarray]):
-    """(jitted step, initial state, device batch) for `batch`, ready to time."""
-    tx, step = self._make_step()
+  def prepare(self, batch: Dict[str, np.ndarray], steps_per_call: int = 1):
+    """(jitted step, initial state, device batch) for `batch`, ready to time; with
+    `steps_per_call` K > 1 one call runs K steps."""
+    tx, step = self._make_step(steps_per_call)
     batch = {k: jnp.asarray(batch[k]) for k in ("image", "texts")}
     params = jax.jit(self.model.init)(jax.random.key(0), batch["image"][:1],
                                       batch["texts"][:1])["params"]
     return step, (params, tx.init(params)), batch
 
   def time(self, batch: Dict[str, np.ndarray], warmup: int, steps: int, sync: bool = False,
-           clock=None) -> List[float]:
-    """Seconds per step (after `warmup` untimed steps) on the default device, timed as
+           clock=None, steps_per_call: int = 1) -> List[float]:
+    """Seconds per step (after `warmup` untimed calls) on the default device, timed as
     `bench_train.time_steps` times the project's step (`clock`: a `bench_train.StepClock`
-    that also records the host figures)."""
+    that also records the host figures, per call)."""
     from tools import bench_train  # pylint: disable=g-import-not-at-top
-    seconds, _ = bench_train.time_steps(*self.prepare(batch), warmup, steps, sync, clock=clock)
-    return seconds
+    label = "step" if steps_per_call == 1 else "call"
+    seconds, _ = bench_train.time_steps(*self.prepare(batch, steps_per_call), warmup, steps,
+                                        sync, clock=clock, label=label)
+    return [s / steps_per_call for s in seconds]

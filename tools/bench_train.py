@@ -221,8 +221,12 @@ def measure_matmul_peak(dtype, dots=(), repeats: int = 5, squares=SQUARE_SIZES
 
 
 def time_steps(step: Callable, state, batch, warmup: int, steps: int, sync: bool = False,
-               profile_dir: Optional[str] = None, clock: Optional[StepClock] = None):
+               profile_dir: Optional[str] = None, clock: Optional[StepClock] = None,
+               label: str = "step"):
   """Per-step seconds of `steps` steps after `warmup` (the first compiles); final state.
+
+  A "step" is one call of `step`, which may run several train steps (`steps_per_call`);
+  `label` names it in the log.
 
   As the trainer's loop runs them (unless `sync`): step i+1 is dispatched before step i is
   waited for, so the device never idles while the host dispatches. A step's time is then the
@@ -237,12 +241,12 @@ def time_steps(step: Callable, state, batch, warmup: int, steps: int, sync: bool
     jax.block_until_ready((state, metrics))
   if profile_dir:
     with jax.profiler.trace(profile_dir):
-      return time_steps(step, state, batch, 0, steps, sync, clock=clock)
+      return time_steps(step, state, batch, 0, steps, sync, clock=clock, label=label)
   clock = clock or StepClock()
 
   def lap() -> None:
     clock.lap()
-    log(f"  step {len(clock.seconds)}/{steps}: {clock.describe_last()}")
+    log(f"  {label} {len(clock.seconds)}/{steps}: {clock.describe_last()}")
 
   if sync:
     for _ in range(steps):
@@ -332,6 +336,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="also time this reference implementation in the same run")
   parser.add_argument("--big_vision_dir", default=None,
                       help="a big_vision checkout (default: $BIG_VISION_DIR)")
+  parser.add_argument("--reference_steps_per_call", type=int, default=1,
+                      help="with --reference: run the reference's steps that many to a call "
+                      "(a lax.scan, as vlpjax's steps_per_call does); default 1, the plain "
+                      "jitted step")
   parser.add_argument("--interleave", action="store_true",
                       help="with --reference: time the two steps in turns, each waited for, "
                       "both states resident (default: the project's steps, then the "
@@ -352,6 +360,10 @@ def run(args: argparse.Namespace, overrides: List[str]) -> Dict[str, Any]:
   if interleave and not args.reference:
     raise ValueError("--interleave times the project's step in turns with a reference's; "
                      "add --reference big_vision.")
+  ref_per_call = args.reference_steps_per_call
+  if ref_per_call < 1 or (ref_per_call > 1 and not args.reference):
+    raise ValueError(f"--reference_steps_per_call={ref_per_call}: give an int >= 1, with "
+                     "--reference.")
   if interleave and args.profile:
     raise ValueError("--profile traces the project's steps alone; it cannot be taken with "
                      "--interleave.")
@@ -416,21 +428,34 @@ def run(args: argparse.Namespace, overrides: List[str]) -> Dict[str, Any]:
   batch = sharding.global_batch(local, setup.mesh, config.sharding_rules)
   state = setup.init_state()
   clock, ref_clock = StepClock(), None
+  # As the trainer runs them: `steps_per_call` steps per call of one compiled program (on the
+  # same batch here); a step's time is then its call's over that count.
+  per_call = config.steps_per_call
+  step_fn, label = setup.train_step, "step"
+  if per_call > 1:
+    step_fn, label = (lambda s, b: setup.train_steps(s, [b] * per_call)), "call"
   if interleave:
-    log(f"timing {args.steps} steps of vlpjax and of big_vision in turns, after "
-        f"{args.warmup} warm-up steps each:")
-    both = time_alternating({"vlpjax": (setup.train_step, state, batch),
-                             "big_vision": reference.prepare(local)}, args.warmup, args.steps)
+    log(f"timing {args.steps} {label}s of vlpjax and steps of big_vision in turns, after "
+        f"{args.warmup} warm-up ones each:")
+    both = time_alternating({"vlpjax": (step_fn, state, batch),
+                             "big_vision": reference.prepare(local, ref_per_call)},
+                            args.warmup, args.steps)
     clock, ref_clock = both["vlpjax"], both["big_vision"]
-    seconds = clock.seconds
+    call_seconds = clock.seconds
+    ref_seconds = [s / ref_per_call for s in ref_clock.seconds]
   else:
-    log(f"timing {args.steps} steps after {args.warmup} warm-up steps:")
-    seconds, state = time_steps(setup.train_step, state, batch, args.warmup, args.steps,
-                                args.sync, args.profile, clock)
+    what = "steps" if per_call == 1 else f"calls of {per_call} steps"
+    log(f"timing {args.steps} {what} after {args.warmup} warm-up ones:")
+    call_seconds, state = time_steps(step_fn, state, batch, args.warmup, args.steps,
+                                     args.sync, args.profile, clock, label)
+    # The trainer's step counter: every call (warm-up and untimed ones included) ran its steps.
+    result["steps_run"] = int(state["step"])
   del state
   host_memory.release()
+  seconds = [s / per_call for s in call_seconds]
   step_seconds = statistics.median(seconds)
   result.update({
+      "steps_per_call": per_call,
       "step_seconds_all": seconds, "step_seconds": step_seconds,
       "sync": args.sync or interleave, "timing": "in turns" if interleave else "in a row",
       "examples_per_s": batch_size / step_seconds,
@@ -445,13 +470,15 @@ def run(args: argparse.Namespace, overrides: List[str]) -> Dict[str, Any]:
 
   if reference is not None:
     if ref_clock is None:
-      log("timing the reference (big_vision) step:")
+      log("timing the reference (big_vision) step" + (
+          "" if ref_per_call == 1 else f", {ref_per_call} steps per call") + ":")
       ref_clock = StepClock()
-      reference.time(local, args.warmup, args.steps, args.sync, ref_clock)
-    ref_seconds = ref_clock.seconds
+      ref_seconds = reference.time(local, args.warmup, args.steps, args.sync, ref_clock,
+                                   ref_per_call)
     ref_median = statistics.median(ref_seconds)
     result["reference"] = {
-        "name": "big_vision", **reference.describe(), "step_seconds_all": ref_seconds,
+        "name": "big_vision", **reference.describe(), "steps_per_call": ref_per_call,
+        "step_seconds_all": ref_seconds,
         "step_seconds": ref_median, "host": ref_clock.summary(),
         "mfu": model["total"] / ref_median / peak,
         "step_time_ratio": step_seconds / ref_median}

@@ -29,6 +29,8 @@ def defaults() -> ConfigDict:
   c.total_steps = None           # required
   c.global_batch_size = None     # required: examples per step summed over all hosts
   c.grad_accum_steps = 1         # micro-batches per step; the update equals the full batch's
+  c.steps_per_call = 1           # train steps per compiled call (a lax.scan over that many
+                                 # batches): amortises each call's host costs (README, benchmarks)
   c.family = "two_tower"         # model family: which init/loss/predict functions to use
   c.model_name = "two_tower"     # registered Flax module
   c.model = ConfigDict()         # kwargs of the module (checked against its fields)
@@ -198,6 +200,10 @@ def finalize(config: ConfigDict, overrides: Iterable[str] = ()) -> ConfigDict:
     if value not in allowed:
       raise ConfigError(f"config key {key!r} is {value!r}{_did_you_mean(str(value), allowed)}; "
                         f"valid values: {', '.join(allowed)}.")
+  spc = merged.steps_per_call
+  if isinstance(spc, bool) or not isinstance(spc, int) or spc < 1:
+    raise ConfigError(f"config key 'steps_per_call' must be an int >= 1 (train steps per "
+                      f"compiled call), got {spc!r}.")
   if merged.global_batch_size % merged.grad_accum_steps:
     raise ConfigError(f"global_batch_size={merged.global_batch_size} is not divisible by "
                       f"grad_accum_steps={merged.grad_accum_steps}.")

@@ -1,16 +1,17 @@
 """Notice of preemption: save at the current step and exit, on one host or on a pod.
 
 A preempted TPU VM (spot / maintenance) or a job scheduler stopping a run sends SIGTERM and
-allows some seconds before SIGKILL. The trainer asks `reached(step)` after every step; once it
-says yes, the trainer saves a checkpoint at that step, waits for it to commit and exits, so a
-restart loses no steps.
+allows some seconds before SIGKILL. The trainer asks `reached(n)` after every call of the train
+step (the n-th call; one step each unless `steps_per_call` > 1); once it says yes, the trainer
+saves a checkpoint at the step it reached, waits for it to commit and exits, so a restart loses
+no steps.
 
-- One process: a SIGTERM handler sets a flag; the next step boundary sees it.
+- One process: a SIGTERM handler sets a flag; the end of the running call sees it.
 - Several processes: every host must save the *same* step (an Orbax save is a collective).
   JAX's preemption service (started by `jax.distributed.initialize`) catches SIGTERM on any
-  host, agrees on a step all hosts have not passed yet, and `reached_preemption_sync_point`
-  says yes on every host at that step. No Python handler is installed then: it would take
-  the signal away from JAX's.
+  host, agrees on a call all hosts have not passed yet, and `reached_preemption_sync_point`
+  says yes on every host after that call (the same step: every host makes the same calls).
+  No Python handler is installed then: it would take the signal away from JAX's.
 """
 import signal
 import threading
@@ -27,7 +28,7 @@ class PreemptedError(RuntimeError):
 
 
 class PreemptionWatch:
-  """`reached(step)`: True once a preemption notice says this step should be the last."""
+  """`reached(n)`: True once a preemption notice says the n-th call should be the last."""
 
   def __init__(self):
     self._signalled = threading.Event()
@@ -46,10 +47,10 @@ class PreemptionWatch:
     del signum, frame
     self._signalled.set()
 
-  def reached(self, step: int) -> bool:
+  def reached(self, call: int) -> bool:
     if self._multi_process:
-      # Collective in the background, not here: a cheap local check every step.
-      return multihost_utils.reached_preemption_sync_point(step)
+      # Collective in the background, not here: a cheap local check every call.
+      return multihost_utils.reached_preemption_sync_point(call)
     return self._signalled.is_set()
 
   def close(self) -> None:

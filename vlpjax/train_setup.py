@@ -6,7 +6,8 @@ nothing of the input stack: no TensorFlow, seqio or metric writers. A machine wi
 accelerator and a bare JAX install can time or compile the step from a config file.
 """
 import dataclasses
-from typing import Any, Callable
+import functools
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -32,6 +33,20 @@ class Setup:
   train_step: Callable[[Any, Any], Any]
   batch_shardings: Any
   jitted_step: Any
+  jitted_steps: Callable[[int], Any]
+
+  def train_steps(self, state, batches: Sequence[Any]):
+    """`len(batches)` train steps in one call; (state, metrics stacked over the steps).
+
+    The same steps as `train_step` on each batch in turn, as one program (`lax.scan`). Why:
+    every call of a compiled program costs the host something that does not depend on the
+    step's size, and on CPU that is large: XLA:CPU takes a fresh buffer for the step's
+    temporaries at each call (9 GB for SigLIP B/16 at batch 32) and the kernel zeroes every
+    page of it again. Within one call the scan reuses that buffer, so K steps per call pay it
+    once (docs/benchmarks.md, "Steps per call").
+    """
+    with sharding.logical_context(self.mesh, self.config.sharding_rules):
+      return self.jitted_steps(len(batches))(state, tuple(batches))
 
   def abstract_step_args(self):
     """(state, batch) of the train step as sharded ShapeDtypeStructs: nothing allocated."""
@@ -107,6 +122,17 @@ def build(config, devices=None) -> Setup:
     with sharding.logical_context(mesh, rules):
       return jitted_step(state, batch)
 
+  def steps_fn(state, batches):
+    # Stacking copies the batches once ([K, B, ...], batch-sharded on axis 1); the scan then
+    # feeds step_fn one at a time, exactly as K calls would.
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *batches)
+    return jax.lax.scan(step_fn, state, stacked)
+
+  @functools.lru_cache(maxsize=None)
+  def jitted_steps(count: int):
+    return jax.jit(steps_fn, in_shardings=(state_shardings, (batch_shardings,) * count),
+                   out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+
   return Setup(config, mesh, family, state_shardings, abstract_state, init_state, train_step,
-               batch_shardings, jitted_step)
+               batch_shardings, jitted_step, jitted_steps)
 

@@ -192,20 +192,30 @@ class Loop:
     pending: Optional[tuple] = None
 
     try:
-      for step in range(start, config.total_steps):
-        (_, counts), batch = _next_batch(device_input, step + 1)
-        self.task_counts.update(counts)  # Of the batch this step trains on.
-        state, step_metrics = setup.train_step(state, batch)
-        done = step + 1
-        # Check the previous step's metrics while this one runs: no stall in the loop.
+      step, calls = start, 0
+      while step < config.total_steps:
+        count = self._steps_in_call(step, evaluators, ckpt)
+        items = [_next_batch(device_input, step + i + 1) for i in range(count)]
+        for (_, counts), _ in items:
+          self.task_counts.update(counts)  # Of the batches these steps train on.
+        if count == 1:
+          state, step_metrics = setup.train_step(state, items[0][1])
+        else:
+          state, step_metrics = setup.train_steps(state, [batch for _, batch in items])
+        first, step = step == start, step + count
+        done = step
+        # Check the previous call's metrics while this one runs: no stall in the loop.
         if pending is not None:
           self._handle_metrics(*pending, progress, writer)
-        pending = (done, step_metrics, self._data_scalars())
-        if step == start:
+        pending = (done, count, step_metrics, self._data_scalars())
+        if first:
           jax.block_until_ready(state["step"])
           progress.start(done)
           logging.info("First step compiled and ran.")
-        preempted = watch.reached(done)
+        # Counted in calls, which every host makes alike: the agreed stop must be a point the
+        # loop passes, and with several steps per call not every step is one.
+        calls += 1
+        preempted = watch.reached(calls)
         save = ckpt.should_save(done, config.total_steps) or preempted
         if save or self._eval_due(evaluators, done):
           self._handle_metrics(*pending, progress, writer)  # never save a NaN state
@@ -274,7 +284,29 @@ class Loop:
     if self.is_lead:
       print(line, flush=True)
 
-  def _handle_metrics(self, step, device_metrics, data_scalars, progress, writer):
+  def _steps_in_call(self, step: int, evaluators, ckpt) -> int:
+    """How many steps the next call runs: `steps_per_call`, or 1 where that would pass a step
+    at which the loop must stop between calls (log, eval, checkpoint, the last step).
+
+    Two call sizes at most, so at most two compiled programs; boundaries that are multiples of
+    `steps_per_call` never need the single step.
+    """
+    count, total = self.config.steps_per_call, self.config.total_steps
+    if count == 1 or step + count > total:
+      return 1
+    for done in range(step + 1, step + count):
+      if (done % self.config.log_every_steps == 0 or ckpt.should_save(done, total)
+          or self._eval_due(evaluators, done)):
+        return 1
+    return count
+
+  def _handle_metrics(self, step, count, device_metrics, data_scalars, progress, writer):
+    """Checks the metrics of the `count` steps that ended at `step`; logs the last if due."""
+    if count > 1:  # Metrics stacked over the call's steps: every step's loss is checked.
+      stacked = {k: np.asarray(v) for k, v in device_metrics.items()}
+      for i in range(count):
+        _check_finite(step - count + 1 + i, {k: v[i] for k, v in stacked.items()})
+      device_metrics = {k: v[-1] for k, v in stacked.items()}
     scalars = metrics_lib.to_host_scalars(device_metrics)
     _check_finite(step, scalars)
     if step % self.config.log_every_steps == 0 or step == self.config.total_steps:
