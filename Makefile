@@ -23,7 +23,7 @@ $(STAMP): $(PY) setup.py constraints.txt
 
 install: $(STAMP)
 
-# Trains SigLIP on the embedded shapes data (about 4 minutes on 2 CPU cores, after the install), then prints
+# Trains SigLIP on the embedded shapes data (about 5 minutes on 2 CPU cores, after the install), then prints
 # held-out zero-shot accuracy and retrieval recall. Re-running resumes; `make clean-demo` restarts.
 demo: $(STAMP)
 	$(PY) -m vlpjax.train --config experiments/siglip_shapes.py --workdir $(WORKDIR)
