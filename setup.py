@@ -39,7 +39,8 @@ setuptools.setup(
         # pycocoevalcap is also the reference our caption metrics are tested against;
         # transformers (with a CPU torch) checks the Hugging Face export and import.
         # libtpu: the tests compile train steps for small TPU topologies ahead of time.
-        "test": ["pytest", "pytest-xdist", "torch==2.13.0", "transformers",
+        # filelock: JAX's compilation cache locks with it (tests/conftest.py shares one).
+        "test": ["pytest", "pytest-xdist", "filelock", "torch==2.13.0", "transformers",
                  "apache-beam[tfrecord]>=2.77"] + EVAL + TPU,
         # Offline caching of seqio tasks (`python -m vlpjax.data.cache`, docs/data.md).
         "beam": ["apache-beam[tfrecord]>=2.77"],

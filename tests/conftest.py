@@ -1,5 +1,7 @@
 """Test set-up: 8 fake CPU devices, set before JAX is imported anywhere."""
 import os
+import shutil
+import tempfile
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
@@ -12,3 +14,30 @@ os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 import jax  # noqa: E402  (must come after XLA_FLAGS)
 
 jax.config.update("jax_threefry_partitionable", True)
+
+# Many tests compile the same programs (the trainer's step for one tiny config runs in the
+# trainer, resilience, prefetch and steps-per-call tests, often several times per test). One
+# compilation cache for this run, shared by its xdist workers, compiles each once: on 2 cores
+# that halves those files' time. It lives only as long as the run, so no test ever reads what
+# another checkout or another JAX compiled; a cached executable is the same program (the key
+# is the HLO, the compile options and the XLA flags), so what the tests assert is unchanged.
+_COMPILE_CACHE = "VLPJAX_TEST_COMPILE_CACHE"
+
+
+def pytest_configure(config):
+  cache = os.environ.get(_COMPILE_CACHE)
+  if cache is None:  # The controller (or a run without xdist): it makes the run's directory,
+    cache = tempfile.mkdtemp(prefix="vlpjax-test-compile-cache-")  # and workers inherit it.
+    os.environ[_COMPILE_CACHE] = cache
+    config.vlpjax_compile_cache_owned = cache
+  jax.config.update("jax_compilation_cache_dir", cache)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+  # A size bound turns on JAX's file lock around reads and writes: two workers may write and
+  # read one entry at once.
+  jax.config.update("jax_compilation_cache_max_size", 4 << 30)
+
+
+def pytest_unconfigure(config):
+  owned = getattr(config, "vlpjax_compile_cache_owned", None)
+  if owned:
+    shutil.rmtree(owned, ignore_errors=True)
