@@ -23,6 +23,9 @@ Figures (JSON):
   mfu                   model_flops / step_seconds / peak_flops_per_s
   memory                the compiled step's buffers per device; the device allocator's peak
                         where it has one (GPU/TPU); the process's peak RSS on CPU
+  profile               with `--profile DIR`: op time per step by kind of work (matmul,
+                        attention, reduction, element-wise, layout, ...) and the costliest
+                        ops, read from the trace (tools/profile_summary.py)
   host                  per timed step, the process's CPU seconds and the host's steal
                         seconds (Linux), and the median cores busy (CPU s / wall s): whether
                         a slow step on a shared host was the step or the host (`StepClock`)
@@ -31,6 +34,7 @@ AdamW step on the same batch in the same run (`tools/bench_reference.py`).
 """
 import argparse
 import collections
+import importlib.util
 import os
 import resource
 import statistics
@@ -319,13 +323,51 @@ def memory_figures(compiled) -> Dict[str, Any]:
   return out
 
 
+def libtpu_profiler_active() -> bool:
+  """Whether a CPU-only run has libtpu's backend, hence its profiler plugin, loaded.
+
+  JAX starts every installed backend unless JAX_PLATFORMS names some; libtpu (installed here
+  for the TPU AOT compiles) then fails to find a TPU but its profiler still joins each trace.
+  """
+  return (jax.devices()[0].platform == "cpu" and not jax.config.jax_platforms
+          and importlib.util.find_spec("libtpu") is not None)
+
+
+def summarize_profile(profile_dir: str, setup, compiled, per_call: int, steps: int
+                      ) -> Dict[str, Any]:
+  """Op time by kind of work in the trace (tools/profile_summary.py), logged and returned.
+
+  The HLO of the program that ran is saved beside the trace (`step.hlo.txt`): the summary
+  reads each op's kind from it, and a person reading the trace can look an op up there.
+  """
+  from tools import profile_summary  # pylint: disable=g-import-not-at-top
+  from vlpjax import sharding  # pylint: disable=g-import-not-at-top
+  if per_call > 1:  # The scanned program is another compile: only what ran is described.
+    state, batch = setup.abstract_step_args()
+    with sharding.logical_context(setup.mesh, setup.config.sharding_rules):
+      compiled = setup.jitted_steps(per_call).lower(state, (batch,) * per_call).compile()
+  text = compiled.as_text()
+  path = os.path.join(profile_dir, "step.hlo.txt")
+  with open(path, "w", encoding="utf-8") as f:
+    f.write(text)
+  try:
+    summary = profile_summary.summarize(profile_dir, [text], steps)
+  except ValueError as e:  # The timings stand without it: report, do not fail the run.
+    log(f"no profile summary: {e}")
+    return {"hlo": path, "trace": profile_dir, "error": str(e)}
+  log(profile_summary.format_table(summary))
+  return {"hlo": path, "trace": profile_dir, **summary}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--config", required=True, help="path/to/config.py[:arg]")
   parser.add_argument("--warmup", type=int, default=2, help="untimed steps (the first compiles)")
   parser.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
   parser.add_argument("--profile", default=None, metavar="DIR",
                       help="write a jax.profiler trace of the timed steps to DIR (TensorBoard's "
-                      "profile plugin, or jax.profiler.ProfileData, reads it)")
+                      "profile plugin, or jax.profiler.ProfileData, reads it), with the "
+                      "step's HLO; the JSON's `profile` sums the op time by kind of work "
+                      "(tools/profile_summary.py)")
   parser.add_argument("--sync", action="store_true",
                       help="wait for each step before dispatching the next (the step's latency; "
                       "default: queued one ahead, as the trainer runs)")
@@ -367,6 +409,13 @@ def run(args: argparse.Namespace, overrides: List[str]) -> Dict[str, Any]:
   if interleave and args.profile:
     raise ValueError("--profile traces the project's steps alone; it cannot be taken with "
                      "--interleave.")
+  warnings = []
+  if args.profile and libtpu_profiler_active():
+    warnings.append(
+        "libtpu is installed and JAX_PLATFORMS is unset: while a trace runs, libtpu's "
+        "profiler keeps a core busy, which slows a CPU step (SigLIP B/16 on 2 cores: 22.5 -> "
+        "37.9 s; docs/benchmarks.md). Set JAX_PLATFORMS=cpu for CPU traces.")
+    log("warning: " + warnings[-1])
   config = train.load_config(args.config, overrides)
   reference = None
   if args.reference:
@@ -404,6 +453,8 @@ def run(args: argparse.Namespace, overrides: List[str]) -> Dict[str, Any]:
       "xla_flops": xla_flops,
       "matmul_flops_traced": flops.matmul_flops(jaxpr.jaxpr),
   }
+  if warnings:
+    result["warnings"] = warnings
 
   if args.peak_flops:
     # CPU devices share the machine's cores, so there the figure is the machine's.
@@ -450,6 +501,11 @@ def run(args: argparse.Namespace, overrides: List[str]) -> Dict[str, Any]:
                                      args.sync, args.profile, clock, label)
     # The trainer's step counter: every call (warm-up and untimed ones included) ran its steps.
     result["steps_run"] = int(state["step"])
+    if args.profile:
+      # Queued, the trace also holds the call heading the queue and the one queued last.
+      traced_calls = args.steps + (0 if args.sync else 2)
+      result["profile"] = summarize_profile(args.profile, setup, compiled, per_call,
+                                            traced_calls * per_call)
   del state
   host_memory.release()
   seconds = [s / per_call for s in call_seconds]

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# The accelerator figures of docs/benchmarks.md ("On an accelerator"), as one prepared run for
+# a machine with one NVIDIA GPU and JAX installed (a lent H100 or H200, a cloud VM):
+#
+#   bash tools/gpu_benchmarks.sh [OUT_DIR]        # default: $OUT, else ./gpu_benchmarks
+#
+# Why one script: such a machine is often lent for minutes, and each start costs some of them.
+# Everything is run in one go and comes back as a few files: the device line (nvidia-smi), and
+# per run the benchmark's JSON (with `profile`: the step's op time by kind of work, read from a
+# jax.profiler trace by tools/profile_summary.py) and its log. About 5 minutes on an H100.
+#
+# Packages: the train benchmark needs JAX (with its CUDA plugin), Flax, optax, Orbax and
+# ml_collections; not TensorFlow or seqio. Where one is missing and there is no package index,
+# put its wheels in ./.whl (ignored by git) and they are installed first, e.g. from a machine
+# with pip:  python -m pip download --no-deps -d .whl ml_collections==1.1.0
+set -u
+OUT_DIR="${1:-${OUT:-gpu_benchmarks}}"
+mkdir -p "$OUT_DIR"
+PYTHON="${PYTHON:-python3}"
+if compgen -G ".whl/*.whl" >/dev/null; then
+  "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/vlpjax_site .whl/*.whl || exit 1
+  export PYTHONPATH="/tmp/vlpjax_site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+export PYTHONUNBUFFERED=1 JAX_PLATFORMS="${JAX_PLATFORMS:-cuda}"
+nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,memory.total --format=csv \
+  >"$OUT_DIR/device.csv" 2>&1
+"$PYTHON" -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__,
+'optax', optax.__version__, jax.devices())" >>"$OUT_DIR/device.csv" 2>&1
+
+# name | config | flags. Traced runs keep their trace in /tmp (too large to bring back).
+run() {
+  local name="$1" config="$2"; shift 2
+  echo "== $name" >&2
+  "$PYTHON" -m tools.benchmark --out "$OUT_DIR/$name.json" train --config "$config" \
+    --steps 10 --warmup 3 --profile "/tmp/vlpjax_trace_$name" "$@" \
+    >/dev/null 2>"$OUT_DIR/$name.log"  # the JSON is in --out
+  local rc=$?
+  tail -n 25 "$OUT_DIR/$name.log" >&2
+  return $rc
+}
+status=0
+run siglip_b16_b256 experiments/siglip_b16.py:batch=256,rules=data_parallel \
+  --config.remat_policy=none || status=1
+run siglip_b16_b512 experiments/siglip_b16.py:batch=512,rules=data_parallel \
+  --config.remat_policy=none || status=1
+run coca_b16_b128 experiments/coca_b16.py:batch=128,rules=data_parallel \
+  --config.remat_policy=none || status=1
+exit $status
