@@ -58,6 +58,11 @@ HloModule jit_step, entry_computation_layout={(bf16[256,768]{1,0})->bf16[256,768
   ROOT %transpose.3 = bf16[12,256,64]{2,1,0} transpose(bf16[256,12,64]{2,1,0} %t0), dimensions={1,0,2}
 }
 
+%async_wrapped (a0: f32[3072], /*index=1*/a1: f32[]) -> f32[3072] {
+  %a0 = f32[3072]{0} parameter(0)
+  ROOT %ar = f32[3072]{0} all-reduce(f32[3072]{0} %a0), replica_groups={}, to_apply=%region_add
+}
+
 %body (w: (s32[], bf16[256,768])) -> (s32[], bf16[256,768]) {
   %w = (s32[], bf16[256,768]{1,0}) parameter(0)
   ROOT %w2 = (s32[], bf16[256,768]{1,0}) copy((s32[], bf16[256,768]{1,0}) %w)
@@ -74,6 +79,7 @@ ENTRY %main (x: bf16[256,768]) -> bf16[256,768] {
   %loop_tanh_fusion = bf16[256,3072]{1,0} fusion(bf16[256,3072]{1,0} %gemm_fusion_dot.1), kind=kLoop, calls=%fused_gelu
   %loop_transpose_fusion = bf16[12,256,64]{2,1,0} fusion(bf16[256,12,64]{2,1,0} %y), kind=kLoop, calls=%fused_transpose
   %all-reduce-start = f32[3072]{0} all-reduce-start(f32[3072]{0} %input_reduce_fusion), replica_groups={}, to_apply=%region_add
+  %async-start.1 = ((f32[3072]{0}), f32[3072]{0}) async-start(f32[3072]{0} %input_reduce_fusion), calls=%async_wrapped
   %while.1 = (s32[], bf16[256,768]{1,0}) while((s32[], bf16[256,768]{1,0}) %t), condition=%cond, body=%body
   ROOT %copy.1 = bf16[256,768]{1,0} copy(bf16[256,768]{1,0} %x)
 }
@@ -83,7 +89,8 @@ GPU_KINDS = {
     "gemm_fusion_dot.1": "matmul", "cublas-gemm.2": "matmul", "fmha": "attention",
     "conv": "convolution", "input_reduce_fusion": "reduction",
     "loop_tanh_fusion": "element-wise", "loop_transpose_fusion": "layout",
-    "all-reduce-start": "collective", "while.1": "control", "copy.1": "layout",
+    "all-reduce-start": "collective", "while.1": "control", "async-start.1": "control",
+    "copy.1": "layout",
 }
 
 
@@ -122,22 +129,23 @@ def _write_gpu_trace(directory, lines):
 
 def test_gpu_trace_counts_stream_kernels_once_per_step(tmp_path):
   # Two steps on one stream: per step a 60 us GEMM, a 30 us cuDNN attention, a 10 us
-  # reduction, with a 20 us gap; a second stream runs a 5 us collective beside the GEMM. The
-  # derived "XLA Ops" line repeats the kernels (not to be counted again), and a kernel of
-  # another module (a metrics fetch) is not the step's.
+  # reduction, with a 20 us gap; a second stream runs a 5 us all-reduce and a 3 us one wrapped
+  # in an async op beside the GEMM. The derived "XLA Ops" line repeats the kernels (not to be
+  # counted again), and a kernel of another module (a metrics fetch) is not the step's.
   stream, other, ops_line = [], [], []
   for base in (0, 200):
     stream += [("gemm_fusion_dot.1", "jit_step", base, 60),
                ("fmha", "jit_step", base + 60, 30),
                ("input_reduce_fusion", "jit_step", base + 110, 10)]
     other += [("all-reduce-start", "jit_step", base + 10, 5),
+              ("async-start.1", "jit_step", base + 20, 3),
               ("add.3", "jit_fetch", base + 150, 40)]
     ops_line += stream[-3:]
   _write_gpu_trace(str(tmp_path), {"Stream #13(Compute)": stream,
                                    "Stream #20(Collectives)": other, "XLA Ops": ops_line})
   summary = profile_summary.summarize(str(tmp_path), [GPU_HLO], steps=2)
   us = 1e-6
-  assert summary["op_seconds"] == pytest.approx(105 * us)
+  assert summary["op_seconds"] == pytest.approx(108 * us)
   assert summary["busy_seconds"] == pytest.approx(100 * us)  # the collective overlaps the GEMM
   assert summary["span_seconds"] == pytest.approx((200 + 120) / 2 * us)  # first start, last end
   assert summary["timelines"] == 2
@@ -145,10 +153,10 @@ def test_gpu_trace_counts_stream_kernels_once_per_step(tmp_path):
   assert kinds["matmul"]["seconds"] == pytest.approx(60 * us)
   assert kinds["attention"]["seconds"] == pytest.approx(30 * us)
   assert kinds["reduction"]["seconds"] == pytest.approx(10 * us)
-  assert kinds["collective"]["seconds"] == pytest.approx(5 * us)
+  assert kinds["collective"]["seconds"] == pytest.approx(8 * us)
   assert sum(k["share"] for k in kinds.values()) == pytest.approx(1.0)
   assert [op["op"] for op in summary["top_ops"]] == [
-      "gemm_fusion_dot.1", "fmha", "input_reduce_fusion", "all-reduce-start"]
+      "gemm_fusion_dot.1", "fmha", "input_reduce_fusion", "all-reduce-start", "async-start.1"]
   assert summary["ops_not_in_hlo"] == []
 
 

@@ -118,8 +118,9 @@ def _target_kind(target: str) -> str:
   return "other"
 
 
-def _opcodes_within(name: str, instructions, computations, seen=None) -> Iterable[HloInstruction]:
-  """The instructions of computation `name` and of the fusions it calls (recursively)."""
+def _instructions_within(name: str, instructions, computations, seen=None
+                         ) -> Iterable[HloInstruction]:
+  """The instructions of computation `name` and of the computations they call (recursively)."""
   seen = set() if seen is None else seen
   if name in seen:
     return
@@ -127,8 +128,11 @@ def _opcodes_within(name: str, instructions, computations, seen=None) -> Iterabl
   for inner_name in computations.get(name, ()):
     inner = instructions[inner_name]
     yield inner
-    if inner.calls and inner.opcode == "fusion":
-      yield from _opcodes_within(inner.calls, instructions, computations, seen)
+    if inner.calls:
+      yield from _instructions_within(inner.calls, instructions, computations, seen)
+
+
+_REDUCTIONS = {"reduce", "reduce-window", "select-and-scatter"}
 
 
 def classify(instruction: HloInstruction, instructions, computations) -> str:
@@ -144,13 +148,21 @@ def classify(instruction: HloInstruction, instructions, computations) -> str:
     return "matmul"
   if opcode == "convolution":
     return "convolution"
-  if opcode in ("reduce", "reduce-window", "select-and-scatter"):
+  if opcode in _REDUCTIONS:
     return "reduction"
   if opcode in _DATA_MOVEMENT:
     return "layout"
   if opcode != "fusion" or not instruction.calls:
     return "element-wise"
-  inner = list(_opcodes_within(instruction.calls, instructions, computations))
+  return classify_called(instruction, instructions, computations)
+
+
+def classify_called(instruction: HloInstruction, instructions, computations) -> str:
+  """The kind of the work in the computation `instruction` calls (a fusion's body, an async
+  op's wrapped computation), by its costliest sort of instruction; "other" if it calls none."""
+  if not instruction.calls:
+    return "other"
+  inner = list(_instructions_within(instruction.calls, instructions, computations))
   opcodes = {op.opcode for op in inner}
   for op in inner:
     if op.opcode == "custom-call":
@@ -161,7 +173,7 @@ def classify(instruction: HloInstruction, instructions, computations) -> str:
     return "matmul"
   if "convolution" in opcodes:
     return "convolution"
-  if opcodes & {"reduce", "reduce-window", "select-and-scatter"}:
+  if opcodes & _REDUCTIONS:
     return "reduction"
   if any(op.startswith(_COLLECTIVES) for op in opcodes):
     return "collective"
@@ -263,11 +275,11 @@ def summarize_profile(profile, hlo_texts: List[str], steps: int, top: int = 15,
                          if instruction else "other")
     if kinds[event.op] == "control":
       # A host thunk of a loop or call spans the ops it runs, which are counted themselves.
-      # On a device nothing spans other kernels: a kernel named after one (a command
-      # buffer's, say) is real work of no known kind.
+      # On a device nothing spans other kernels: a kernel named after one (an async op's, a
+      # command buffer's) is real work, of the kind of what it calls.
       if not event.timeline.startswith("/device:"):
         continue
-      kinds[event.op] = "other"
+      kinds[event.op] = classify_called(instructions[event.op], instructions, computations)
     counted.append(event)
     per_op[event.op] = per_op.get(event.op, 0.0) + event.duration_ns
   op_ns = sum(e.duration_ns for e in counted)
