@@ -216,7 +216,8 @@ def test_summary_of_an_empty_trace_says_what_is_missing(tmp_path, capsys):
   assert "no *.xplane.pb" in capsys.readouterr().err
   _write_gpu_trace(str(tmp_path), {"Stream #1": [("add.3", "jit_fetch", 0, 4)]})
   assert profile_summary.main([str(tmp_path), "--hlo", str(hlo), "--steps", "1"]) == 2
-  assert "no op of module 'jit_step'" in capsys.readouterr().err
+  err = capsys.readouterr().err
+  assert "no op of module 'jit_step'" in err and "jit_fetch (1)" in err
 
 
 def test_benchmark_profile_describes_the_program_that_ran(tmp_path):
@@ -226,18 +227,22 @@ def test_benchmark_profile_describes_the_program_that_ran(tmp_path):
   code = benchmark.main(["--out", str(out), "train", "--config",
                          os.path.join(REPO, "experiments", "siglip_shapes.py") + ":batch=8",
                          "--steps", "1", "--warmup", "1", "--sync", "--peak_flops", "1e11",
-                         "--profile", str(trace), "--config.steps_per_call=3",
+                         "--profile", str(trace), "--profile_steps", "1",
+                         "--config.steps_per_call=3",
                          "--config.model.image.depth=1", "--config.model.text.depth=1"])
   assert code == 0
   result = json.loads(out.read_text())
   profile = result["profile"]
+  # Traced after the timed call (1 warm-up, 1 timed, 1 traced; sync).
+  assert result["steps_run"] == 3 * 3 and len(result["step_seconds_all"]) == 1
   assert profile["steps"] == 3 and profile["ops_not_in_hlo"] == []
   assert os.path.exists(profile["hlo"])
   assert profile["module"] in open(profile["hlo"], encoding="utf-8").read()
   assert "while" in open(profile["hlo"], encoding="utf-8").read()  # the scan of 3 steps
   assert profile["by_kind"]["matmul"]["seconds"] > 0
   assert profile["by_kind"]["reduction"]["seconds"] > 0
-  assert 0 < profile["busy_seconds"] <= profile["span_seconds"] <= result["step_seconds"]
+  [traced] = profile["traced_step_seconds"]
+  assert 0 < profile["busy_seconds"] <= profile["span_seconds"] <= traced
 
 
 def test_a_trace_the_summary_cannot_read_leaves_the_timings_standing(tmp_path, monkeypatch):

@@ -25,7 +25,8 @@ Figures (JSON):
                         where it has one (GPU/TPU); the process's peak RSS on CPU
   profile               with `--profile DIR`: op time per step by kind of work (matmul,
                         attention, reduction, element-wise, layout, ...) and the costliest
-                        ops, read from the trace (tools/profile_summary.py)
+                        ops, read from a trace of `--profile_steps` steps taken after the
+                        timed ones (tools/profile_summary.py), and those steps' times
   host                  per timed step, the process's CPU seconds and the host's steal
                         seconds (Linux), and the median cores busy (CPU s / wall s): whether
                         a slow step on a shared host was the step or the host (`StepClock`)
@@ -364,10 +365,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--warmup", type=int, default=2, help="untimed steps (the first compiles)")
   parser.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
   parser.add_argument("--profile", default=None, metavar="DIR",
-                      help="write a jax.profiler trace of the timed steps to DIR (TensorBoard's "
-                      "profile plugin, or jax.profiler.ProfileData, reads it), with the "
-                      "step's HLO; the JSON's `profile` sums the op time by kind of work "
+                      help="after the timed steps, trace --profile_steps more to DIR "
+                      "(jax.profiler; TensorBoard's profile plugin reads it), with the step's "
+                      "HLO; the JSON's `profile` sums their op time by kind of work "
                       "(tools/profile_summary.py)")
+  parser.add_argument("--profile_steps", type=int, default=2,
+                      help="with --profile: how many steps (calls) to trace")
   parser.add_argument("--sync", action="store_true",
                       help="wait for each step before dispatching the next (the step's latency; "
                       "default: queued one ahead, as the trainer runs)")
@@ -395,6 +398,8 @@ def run(args: argparse.Namespace, overrides: List[str]) -> Dict[str, Any]:
   from vlpjax import train  # pylint: disable=g-import-not-at-top
   # The step alone: no input stack (TensorFlow, seqio), so it runs on a bare JAX install.
   from vlpjax import train_setup  # pylint: disable=g-import-not-at-top
+  if args.profile and args.profile_steps < 1:
+    raise ValueError(f"--profile_steps must be >= 1, got {args.profile_steps}.")
   if args.steps < 1 or args.warmup < 1:
     raise ValueError(f"--steps and --warmup must be >= 1 (the first step compiles), got "
                      f"{args.steps} and {args.warmup}.")
@@ -498,14 +503,21 @@ def run(args: argparse.Namespace, overrides: List[str]) -> Dict[str, Any]:
     what = "steps" if per_call == 1 else f"calls of {per_call} steps"
     log(f"timing {args.steps} {what} after {args.warmup} warm-up ones:")
     call_seconds, state = time_steps(step_fn, state, batch, args.warmup, args.steps,
-                                     args.sync, args.profile, clock, label)
+                                     args.sync, clock=clock, label=label)
+    if args.profile:
+      # Traced apart from the timed steps, so that the profiler's own cost never enters the
+      # figures above; the traced steps' times show what it costs.
+      log(f"tracing {args.profile_steps} more {label}s (the times above are untraced):")
+      traced_seconds, state = time_steps(step_fn, state, batch, 0, args.profile_steps,
+                                         args.sync, args.profile, label="traced " + label)
     # The trainer's step counter: every call (warm-up and untimed ones included) ran its steps.
     result["steps_run"] = int(state["step"])
     if args.profile:
       # Queued, the trace also holds the call heading the queue and the one queued last.
-      traced_calls = args.steps + (0 if args.sync else 2)
+      traced_calls = args.profile_steps + (0 if args.sync else 2)
       result["profile"] = summarize_profile(args.profile, setup, compiled, per_call,
                                             traced_calls * per_call)
+      result["profile"]["traced_step_seconds"] = [s / per_call for s in traced_seconds]
   del state
   host_memory.release()
   seconds = [s / per_call for s in call_seconds]

@@ -229,6 +229,19 @@ def op_events(profile, module: str) -> List[OpEvent]:
   return events
 
 
+def modules_in(profile) -> Dict[str, int]:
+  """How many op events each HLO module has in the trace (to say what a trace holds)."""
+  counts: Dict[str, int] = {}
+  for plane in profile.planes:
+    for line in plane.lines:
+      for event in line.events:
+        stats = dict(event.stats)
+        if "hlo_op" in stats:
+          module = str(stats.get("hlo_module"))
+          counts[module] = counts.get(module, 0) + 1
+  return counts
+
+
 def _union_ns(intervals: List[Tuple[float, float]]) -> float:
   total, end = 0.0, float("-inf")
   for start, stop in sorted(intervals):
@@ -260,8 +273,10 @@ def summarize_profile(profile, hlo_texts: List[str], steps: int, top: int = 15,
   module = module_name(hlo_texts[0])
   events = op_events(profile, module)
   if not events:
+    found = sorted(modules_in(profile).items(), key=lambda item: -item[1])[:5]
     raise ValueError(f"{where} holds no op of module {module!r}: was the step run inside "
-                     "the trace, and is the HLO the step's?")
+                     "the trace, and is the HLO the step's? Op events by module: "
+                     + (", ".join(f"{name} ({count})" for name, count in found) or "none"))
   kinds: Dict[str, str] = {}
   unknown = set()
   per_op: Dict[str, float] = {}
