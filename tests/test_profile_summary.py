@@ -220,18 +220,22 @@ def test_summary_of_an_empty_trace_says_what_is_missing(tmp_path, capsys):
   assert "no op of module 'jit_step'" in err and "jit_fetch (1)" in err
 
 
+def _profiled_benchmark(out, trace, *flags):
+  """The train benchmark's JSON for a 1-layer demo model: 1 warm-up, 1 timed, synced, traced."""
+  code = benchmark.main(["--out", str(out), "train", "--config",
+                         os.path.join(REPO, "experiments", "siglip_shapes.py") + ":batch=8",
+                         "--steps", "1", "--warmup", "1", "--sync", "--peak_flops", "1e11",
+                         "--profile", str(trace), "--config.model.image.depth=1",
+                         "--config.model.text.depth=1", *flags])
+  assert code == 0
+  return json.loads(out.read_text())
+
+
 def test_benchmark_profile_describes_the_program_that_ran(tmp_path):
   # Three steps per call (the scanned program, compiled apart from the single step): the
   # summary reads that program's HLO, names every op the trace holds, and fits in the step.
   out, trace = tmp_path / "train.json", tmp_path / "trace"
-  code = benchmark.main(["--out", str(out), "train", "--config",
-                         os.path.join(REPO, "experiments", "siglip_shapes.py") + ":batch=8",
-                         "--steps", "1", "--warmup", "1", "--sync", "--peak_flops", "1e11",
-                         "--profile", str(trace), "--profile_steps", "1",
-                         "--config.steps_per_call=3",
-                         "--config.model.image.depth=1", "--config.model.text.depth=1"])
-  assert code == 0
-  result = json.loads(out.read_text())
+  result = _profiled_benchmark(out, trace, "--profile_steps", "1", "--config.steps_per_call=3")
   profile = result["profile"]
   # Traced after the timed call (1 warm-up, 1 timed, 1 traced; sync).
   assert result["steps_run"] == 3 * 3 and len(result["step_seconds_all"]) == 1
@@ -249,13 +253,7 @@ def test_a_trace_the_summary_cannot_read_leaves_the_timings_standing(tmp_path, m
   # Minutes of timing on a lent machine must not be lost to a trace laid out otherwise.
   monkeypatch.setattr(profile_summary, "op_events", lambda profile, module: [])
   out = tmp_path / "train.json"
-  code = benchmark.main(["--out", str(out), "train", "--config",
-                         os.path.join(REPO, "experiments", "siglip_shapes.py") + ":batch=8",
-                         "--steps", "1", "--warmup", "1", "--sync", "--peak_flops", "1e11",
-                         "--profile", str(tmp_path / "trace"), "--config.steps_per_call=1",
-                         "--config.model.image.depth=1", "--config.model.text.depth=1"])
-  assert code == 0
-  result = json.loads(out.read_text())
+  result = _profiled_benchmark(out, tmp_path / "trace", "--config.steps_per_call=1")
   assert "no op of module" in result["profile"]["error"]
   assert result["step_seconds"] > 0
 
