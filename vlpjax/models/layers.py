@@ -99,6 +99,38 @@ def layer_norm(name: str, param_dtype: Dtype) -> nn.LayerNorm:
       name=name)
 
 
+def _bias_gelu(h: Array, bias: Array) -> Array:
+  return nn.gelu(h + bias, approximate=True)
+
+
+# Recomputed in the backward pass from the matmul's output (`jax.checkpoint` keeps only its
+# inputs). Why: XLA otherwise keeps the biased pre-activation and GELU's tanh for the backward,
+# so the forward writes three [tokens, mlp_dim] tensors where one is needed and the backward
+# reads three where two do; these are a ViT block's largest activations and the work around them
+# is memory-bound, so recomputing costs little. On a deviceless H100 compile of the SigLIP B/16
+# step (tools/gpu_compile.py, docs/benchmarks.md) it took 3.2 ms off the estimated step and 4.6
+# GiB off its memory; on CPU, where the recomputed tanh is not free, within 2%.
+bias_gelu = jax.checkpoint(_bias_gelu)
+
+
+class DenseGelu(nn.Module):
+  """tanh-GELU(x . kernel + bias): `nn.Dense`'s parameters (names, shapes, initialisers) with
+  the bias add and the GELU in `bias_gelu`."""
+  features: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  kernel_init: Any = nn.initializers.lecun_normal()
+  bias_init: Any = nn.initializers.zeros_init()
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features),
+                        self.param_dtype)
+    bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    return bias_gelu(token_matmul(x, kernel), bias)
+
+
 class MlpBlock(nn.Module):
   """fc1 -> gelu (tanh approximation, HF `gelu_pytorch_tanh`) -> fc2."""
   mlp_dim: int
@@ -108,11 +140,10 @@ class MlpBlock(nn.Module):
   @nn.compact
   def __call__(self, x: Array) -> Array:
     width = x.shape[-1]
-    h = Dense(
+    h = DenseGelu(
         self.mlp_dim, dtype=self.dtype, param_dtype=self.param_dtype,
         kernel_init=partitioned(_KERNEL_INIT, ("embed", "mlp")),
         bias_init=partitioned(_BIAS_INIT, ("mlp",)), name="fc1")(x)
-    h = nn.gelu(h, approximate=True)
     h = constrain(h, ACT_MLP)
     return Dense(
         width, dtype=self.dtype, param_dtype=self.param_dtype,
@@ -360,6 +391,34 @@ class LearnedPositionEmbedding(nn.Module):
         partitioned(nn.initializers.normal(stddev=self.width ** -0.5),
                     ("pos", "embed")),
         (self.num_positions, self.width), self.param_dtype)
+
+
+@jax.custom_vjp
+def add_position_embedding(x: Array, pos: Array) -> Array:
+  """x [B, L, width] + pos [L, width], in x's dtype.
+
+  Its gradient for `pos` is the sum over the batch of x's gradient, computed as a matmul with
+  a vector of ones rather than as the reduction autodiff writes. Why: given a reduction over
+  the batch, XLA:GPU's layout assignment made the batch the *minor* dim of the whole residual
+  stream, so every block's adds, LayerNorms and their gradients ran as transposes ([L, width,
+  B] layouts; 11.8 ms of the 111 ms estimated for a SigLIP B/16 step in a deviceless H100
+  compile, docs/benchmarks.md). A matmul's operands keep their row-major layout.
+  """
+  return x + pos[None].astype(x.dtype)
+
+
+def _add_position_embedding_fwd(x: Array, pos: Array):
+  # A zero-size array carries pos's dtype to the backward pass (residuals must be arrays).
+  return add_position_embedding(x, pos), jnp.zeros((0,), pos.dtype)
+
+
+def _add_position_embedding_bwd(pos_dtype_carrier: Array, g: Array):
+  ones = jnp.ones((g.shape[0],), g.dtype)
+  pos_grad = jnp.einsum("b,bld->ld", ones, g, preferred_element_type=jnp.float32)
+  return g, pos_grad.astype(pos_dtype_carrier.dtype)
+
+
+add_position_embedding.defvjp(_add_position_embedding_fwd, _add_position_embedding_bwd)
 
 
 def posemb_sincos_2d(h: int, w: int, width: int, temperature: float = 10_000.,

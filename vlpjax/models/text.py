@@ -77,7 +77,7 @@ class TextEncoder(nn.Module):
         name="token_embedding")(texts)
     pos = layers.LearnedPositionEmbedding(
         self.max_len, width, self.param_dtype, name="position_embedding")()
-    x = x + pos[None, :length].astype(self.dtype)
+    x = layers.add_position_embedding(x, pos[:length])
     x = layers.constrain(x, layers.ACT_TOKENS)
 
     # [1, 1, L, L], True where query position q may see key position k <= q.

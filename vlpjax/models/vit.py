@@ -208,7 +208,7 @@ class ViT(nn.Module):
           grid_h * grid_w, width, self.param_dtype, name="position_embedding")()
     else:
       pos = layers.posemb_sincos_2d(grid_h, grid_w, width)
-    x = x + pos[None].astype(self.dtype)
+    x = layers.add_position_embedding(x, pos)
 
     # Checked on every call so a bad config fails at init, not at the first train step.
     keep = num_kept_patches(grid_h * grid_w, self.patch_dropout)
