@@ -9,7 +9,7 @@ export TF_CPP_MIN_LOG_LEVEL ?= 2
 # otherwise probe for a TPU at start-up and log warnings; `make demo JAX_PLATFORMS=` lifts it.
 export JAX_PLATFORMS ?= cpu
 
-.PHONY: demo test test-all install clean-demo
+.PHONY: demo test test-all install gpu-compile-deps clean-demo
 
 $(PY):
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "Python 3.11 is needed: set PYTHON=/path/to/python3.11"; exit 1; }
@@ -22,6 +22,20 @@ $(STAMP): $(PY) setup.py constraints.txt
 	@touch $(STAMP)
 
 install: $(STAMP)
+
+# JAX's CUDA plugin at the pinned jax's version, for tools/gpu_compile.py (compiles a train
+# step for a GPU on a machine without one; its tests run in `make test`). Installed beside the
+# environment, not in it: importable, the plugin makes every JAX program on a machine without
+# a GPU print its failed CUDA start.
+JAX_VERSION := $(shell sed -n 's/^jax==//p' constraints.txt)
+GPU_PLUGIN_DIR := .venv-jax-cuda
+GPU_PLUGIN_STAMP := $(GPU_PLUGIN_DIR)/.installed-$(JAX_VERSION)
+$(GPU_PLUGIN_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet --upgrade --no-deps --target $(GPU_PLUGIN_DIR) \
+	    jax-cuda13-plugin==$(JAX_VERSION) jax-cuda13-pjrt==$(JAX_VERSION)
+	@touch $@
+
+gpu-compile-deps: $(GPU_PLUGIN_STAMP)
 
 # Trains SigLIP on the embedded shapes data (about 5 minutes on 2 CPU cores, after the install), then prints
 # held-out zero-shot accuracy and retrieval recall. Re-running resumes; `make clean-demo` restarts.
@@ -38,8 +52,8 @@ clean-demo:
 # `loadfile` keeps each file in one worker, so a module fixture is built once.
 TEST_WORKERS ?= 2
 PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
-test: $(STAMP)
+test: $(STAMP) $(GPU_PLUGIN_STAMP)
 	$(PYTEST) -m "not slow" --durations=10
 
-test-all: $(STAMP)
+test-all: $(STAMP) $(GPU_PLUGIN_STAMP)
 	$(PYTEST)

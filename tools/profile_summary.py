@@ -55,6 +55,11 @@ _CALLS = re.compile(r"\bcalls=\{?%?([\w.\-]+)")
 _TARGET = re.compile(r'custom_call_target="([^"]+)"')
 _LAYOUT = re.compile(r"\{[^{}]*\}")  # "f32[2,3]{1,0}" -> "f32[2,3]"
 _COMMENT = re.compile(r"/\*.*?\*/")  # "/*index=5*/" in long tuples
+_OPERAND = re.compile(r"%([\w.\-]+)")
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
+# A dot's "lhs_contracting_dims={1}"; a cuBLAS call's backend config says
+# "lhs_contracting_dimensions":["1"].
+_LHS_CONTRACTING = re.compile(r'lhs_contracting_dim(?:s=\{([\d,]*)\}|ensions":\[([\d",]*)\])')
 
 
 @dataclasses.dataclass
@@ -64,6 +69,27 @@ class HloInstruction:
   shape: str
   calls: Optional[str] = None
   target: Optional[str] = None
+  operands: Tuple[str, ...] = ()
+  op_name: str = ""                 # the JAX op it came from (metadata), "" if none
+  lhs_contracting: Tuple[int, ...] = ()  # a dot's
+
+
+def _axes(match: Optional[re.Match]) -> Tuple[int, ...]:
+  listed = (match.group(1) or match.group(2) or "") if match else ""
+  return tuple(int(d) for d in re.findall(r"\d+", listed))
+
+
+def _operand_names(tail: str) -> Tuple[str, ...]:
+  """'add(%a, %b), metadata=...' -> ('a', 'b'): the names inside the opcode's parentheses."""
+  start = tail.find("(")
+  if start < 0:
+    return ()
+  depth = 0
+  for end in range(start, len(tail)):
+    depth += {"(": 1, ")": -1}.get(tail[end], 0)
+    if depth == 0:
+      return tuple(_OPERAND.findall(tail[start + 1:end]))
+  return ()
 
 
 def _split_shape(rest: str) -> Tuple[str, str]:
@@ -96,9 +122,12 @@ def parse_hlo(text: str) -> Tuple[Dict[str, HloInstruction], Dict[str, List[str]
         shape, tail = _split_shape(match.group(2))
         opcode = tail.partition("(")[0].strip()
         calls, target = _CALLS.search(tail), _TARGET.search(tail)
+        op_name, contracting = _OP_NAME.search(tail), _LHS_CONTRACTING.search(tail)
         instructions[match.group(1)] = HloInstruction(
             match.group(1), opcode, _short_shape(shape),
-            calls.group(1) if calls else None, target.group(1) if target else None)
+            calls.group(1) if calls else None, target.group(1) if target else None,
+            _operand_names(_COMMENT.sub("", tail)), op_name.group(1) if op_name else "",
+            _axes(contracting))
         current.append(match.group(1))
     elif line.rstrip().endswith("{") and _COMPUTATION.match(line):
       current = computations.setdefault(_COMPUTATION.match(line).group(1), [])

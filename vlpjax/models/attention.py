@@ -17,8 +17,9 @@ numerics), a boolean `mask` broadcastable to [B, heads, Lq, Lk]
 (True = may attend), and computes the logits and softmax in f32. A query whose keys are all
 masked gets uniform weights (a large finite negative, not -inf), never NaN.
 """
+import contextlib
 import functools
-from typing import Any, Optional
+from typing import Any, Dict, Iterator, Optional
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +35,23 @@ _CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
 # NaN; exp(mask - max) underflows to exactly 0 whenever some key is visible.
 MASK_VALUE = float(np.finfo(np.float32).min)
 
+# The device the model is traced for when it is not the one JAX runs on (`compile_target`).
+_TARGET: Dict[str, Any] = {}
+
+
+@contextlib.contextmanager
+def compile_target(backend: str, compute_capability: Optional[float] = None) -> Iterator[None]:
+  """Within: choose implementations for `backend` (and a GPU's compute capability), not for
+  the machine tracing. For compiling ahead of time for a device this machine lacks
+  (tools/gpu_compile.py traces a GPU's step on a CPU-only machine)."""
+  saved = dict(_TARGET)
+  _TARGET.update(backend=backend, compute_capability=compute_capability)
+  try:
+    yield
+  finally:
+    _TARGET.clear()
+    _TARGET.update(saved)
+
 
 def resolve(impl: str, dtype: Any, backend: Optional[str] = None) -> str:
   """The implementation `impl` names for compute `dtype` on `backend` (default: JAX's).
@@ -43,7 +61,7 @@ def resolve(impl: str, dtype: Any, backend: Optional[str] = None) -> str:
   if impl not in IMPLEMENTATIONS:
     raise ValueError(unknown_name_message("attention implementation (config.attention_impl)",
                                           impl, IMPLEMENTATIONS))
-  backend = backend or jax.default_backend()
+  backend = backend or _TARGET.get("backend") or jax.default_backend()
   cudnn_dtype = jnp.dtype(dtype) in [jnp.dtype(d) for d in _CUDNN_DTYPES]
   if impl == "auto":
     return "cudnn" if backend == "gpu" and cudnn_dtype else "einsum"
@@ -69,10 +87,11 @@ def cudnn_takes(q_len: int, kv_len: int, head_dim: int, backend: Optional[str] =
   a bias were given, and cuDNN needs even lengths with one. Head dims: multiples of 8, at most
   256 on Hopper and later, 128 before.
   """
-  backend = backend or jax.default_backend()
+  backend = backend or _TARGET.get("backend") or jax.default_backend()
   max_head_dim = 128
   if backend == "gpu":
-    capability = getattr(jax.devices()[0], "compute_capability", "0")
+    capability = (_TARGET.get("compute_capability") or
+                  getattr(jax.devices()[0], "compute_capability", "0"))
     max_head_dim = 256 if float(capability) >= 9.0 else 128
   return q_len % 2 == 0 and kv_len % 2 == 0 and head_dim % 8 == 0 and head_dim <= max_head_dim
 

@@ -1,0 +1,166 @@
+"""tools/gpu_compile.py: a GPU's compiled step on a CPU-only machine, and its kernel estimate.
+
+The estimate's arithmetic is checked on HLO written by hand; the compile itself with JAX's
+CUDA plugin (`make test` installs it beside the environment): a matmul's memory and FLOPs,
+and a two-block SigLIP B/16 step with cuDNN attention, whose layouts must keep the batch major.
+"""
+import re
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from tools import gpu_compile
+from vlpjax import train
+from vlpjax.models import attention
+
+H100 = gpu_compile.GPUS["h100"]
+
+_HLO = """HloModule jit_step, entry_computation_layout={()->f32[]}
+
+%fused_dot (p0: bf16[64,32], p1: bf16[32,16]) -> bf16[64,16] {
+  %p0 = bf16[64,32]{1,0} parameter(0)
+  %p1 = bf16[32,16]{1,0} parameter(1)
+  ROOT %d = bf16[64,16]{1,0} dot(%p0, %p1), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+
+%fused_gelu (p0.1: bf16[64,16]) -> bf16[64,16] {
+  %p0.1 = bf16[64,16]{1,0} parameter(0)
+  ROOT %t = bf16[64,16]{1,0} tanh(%p0.1)
+}
+
+%body (s: (s32[], f32[128])) -> (s32[], f32[128]) {
+  %s = (s32[], f32[128]{0}) parameter(0)
+  %i = s32[] get-tuple-element(%s), index=0
+  %v = f32[128]{0} get-tuple-element(%s), index=1
+  %n = f32[128]{0} fusion(%v), kind=kLoop, calls=%fused_gelu.2
+  ROOT %r = (s32[], f32[128]{0}) tuple(%i, %n)
+}
+
+%fused_gelu.2 (q: f32[128]) -> f32[128] {
+  %q = f32[128]{0} parameter(0)
+  ROOT %e = f32[128]{0} exponential(%q)
+}
+
+%cond (c: (s32[], f32[128])) -> pred[] {
+  %c = (s32[], f32[128]{0}) parameter(0)
+  ROOT %k = pred[] constant(false)
+}
+
+ENTRY %main (a: bf16[64,32], b: bf16[32,16], w: (s32[], f32[128])) -> bf16[64,16] {
+  %a = bf16[64,32]{1,0} parameter(0)
+  %b = bf16[32,16]{1,0} parameter(1)
+  %w = (s32[], f32[128]{0}) parameter(2)
+  %mm = bf16[64,16]{1,0} fusion(%a, %b), kind=kCustom, calls=%fused_dot, metadata={op_name="jit(step)/jvp(M)/layers_3/fc1/dot_general"}
+  %loop = (s32[], f32[128]{0}) while(%w), condition=%cond, body=%body
+  %view = bf16[16,64]{0,1} bitcast(%mm)
+  %lt = (bf16[16,32]{1,0}, s8[4194304]{0}) custom-call(%view, %a), custom_call_target="__cublas$lt$matmul", backend_config={"gemm_backend_config":{"dot_dimension_numbers":{"lhs_contracting_dimensions":["1"],"rhs_contracting_dimensions":["0"],"lhs_batch_dimensions":[],"rhs_batch_dimensions":[]},"epilogue":"DEFAULT"}}
+  ROOT %g = bf16[64,16]{1,0} fusion(%mm), kind=kLoop, calls=%fused_gelu, metadata={op_name="jit(step)/transpose(jvp(M))/layers_3/mlp/tanh"}
+}
+"""
+
+
+def test_kernels_of_hand_written_hlo():
+  found = {k.name: k for k in gpu_compile.kernels(_HLO, H100)}
+  # The matmul fusion, the cuBLAS call, the GELU fusion and the loop body's fusion; views and
+  # the loop itself launch nothing.
+  assert set(found) == {"mm", "lt", "g", "n"}
+  mm, lt, g, n = found["mm"], found["lt"], found["g"], found["n"]
+  assert (mm.kind, lt.kind, g.kind, n.kind) == ("matmul", "matmul", "element-wise",
+                                                "element-wise")
+  assert mm.flops == 2 * 64 * 16 * 32 and g.flops == 0
+  assert mm.bytes == 2 * (64 * 32 + 32 * 16 + 64 * 16)
+  # [16, 64] x [64, 32]: the contraction read from the backend config; the 4 MB workspace
+  # is scratch, not traffic.
+  assert lt.flops == 2 * 16 * 32 * 64
+  assert lt.bytes == 2 * (16 * 64 + 64 * 32 + 16 * 32)
+  assert g.bytes == 2 * 2 * 64 * 16 and n.bytes == 2 * 4 * 128
+  bandwidth = H100.memory_bytes_per_s * gpu_compile.EFFICIENCY["memory"]
+  rate = H100.bf16_flops_per_s * gpu_compile.EFFICIENCY["matmul"]
+  launch = gpu_compile.LAUNCH_SECONDS
+  assert mm.seconds == pytest.approx(max(mm.bytes / bandwidth, mm.flops / rate) + launch)
+  assert g.seconds == pytest.approx(g.bytes / bandwidth + launch)
+  assert gpu_compile.op_group(mm.op_name) == "fwd M/layers_N/fc1/dot_general"
+  assert gpu_compile.op_group(g.op_name) == "bwd M/layers_N/mlp/tanh"
+  # Inside jax.checkpoint the name stack restarts from the model.
+  assert gpu_compile.op_group(
+      "jit(step)/transpose(jvp(M))/img/layers_2/fc1/M/img/layers_2/fc1/checkpoint/reduce_sum"
+  ) == "bwd M/img/layers_N/fc1/checkpoint/reduce_sum"
+
+  summary = gpu_compile.summarize(list(found.values()), model_flops=1e6, gpu=H100)
+  total = mm.seconds + lt.seconds + g.seconds + n.seconds
+  assert summary["estimated_step_seconds"] == pytest.approx(total)
+  assert summary["estimated_mfu"] == pytest.approx(1e6 / total / H100.bf16_flops_per_s)
+  assert summary["by_kind"]["element-wise"]["kernels"] == 2
+  assert sum(row["share"] for row in summary["by_kind"].values()) == pytest.approx(1.0)
+
+
+def test_shape_bytes():
+  assert gpu_compile.shape_bytes("bf16[3,5]") == 30
+  assert gpu_compile.shape_bytes("(f32[4], s32[], pred[8])") == 16 + 4 + 8
+
+
+def test_target_config_describes_the_gpu():
+  text = H100.target_config()
+  assert f"core_count: {H100.sm_count}" in text
+  assert f"device_memory_size: {H100.memory_bytes}" in text
+  assert 'device_description_str: "NVIDIA H100 80GB HBM3"' in text
+  assert "major: 9 minor: 0" in text
+
+
+def test_a_matmul_compiled_for_the_h100():
+  device = gpu_compile.compile_only_gpu(H100)
+  assert device.platform == "gpu" and "H100" in device.device_kind
+  sharding = jax.sharding.SingleDeviceSharding(device)
+  shapes = [jax.ShapeDtypeStruct((512, 1024), jnp.bfloat16, sharding=sharding),
+            jax.ShapeDtypeStruct((1024, 2048), jnp.bfloat16, sharding=sharding)]
+  compiled = jax.jit(lambda x, w: x @ w).lower(*shapes).compile()
+  memory = compiled.memory_analysis()
+  assert memory.argument_size_in_bytes == 2 * (512 * 1024 + 1024 * 2048)
+  assert memory.output_size_in_bytes == 2 * 512 * 2048
+  (matmul,) = [k for k in gpu_compile.kernels(compiled.as_text(), H100) if k.kind == "matmul"]
+  assert matmul.flops == 2 * 512 * 1024 * 2048
+
+
+@pytest.fixture(scope="module")
+def siglip_report(tmp_path_factory):
+  """SigLIP B/16 cut to two blocks per tower (bf16, so cuDNN attention), batch 256, compiled
+  for the H100. The widths and the batch are the real config's because XLA:GPU's layout
+  choices depend on them: the batch-minor layouts below do not appear in tiny models."""
+  config = train.load_config("experiments/siglip_b16.py:batch=256,rules=data_parallel",
+                             ["remat_policy=none", "model.image.depth=2", "model.text.depth=2"])
+  hlo = tmp_path_factory.mktemp("gpu") / "step.hlo.txt"
+  report = gpu_compile.compile_train_step(config, H100, spec="siglip_b16", hlo_path=str(hlo))
+  return report, hlo.read_text()
+
+
+def test_siglip_step_compiles_for_the_h100_with_cudnn_attention(siglip_report):
+  report, text = siglip_report
+  assert report.fits and 0 < report.total_bytes < report.memory_bytes
+  assert report.argument_bytes > 0 and report.temp_bytes > 0
+  est = report.estimate
+  # 2 image + 2 text blocks, each a cuDNN forward and backward call; the MAP head's single
+  # probe query is not cuDNN's (odd length), so 8 and not 10.
+  assert est["by_kind"]["attention"]["kernels"] == 8
+  assert len(re.findall(r'custom_call_target="__cudnn\$fmha', text)) == 8
+  assert 0 < est["estimated_mfu"] < 1 and est["estimated_step_seconds"] > 0
+  assert report.model_flops > 0 and est["matmul_flops"] > 0
+  # Outside the compile, attention is chosen for this machine again.
+  assert attention.resolve("auto", jnp.bfloat16) == "einsum"
+
+
+def test_siglip_step_keeps_the_batch_major(siglip_report):
+  """No residual-stream activation laid out [tokens, width, batch]: with the position
+  embeddings' gradient taken by a reduction over the batch, XLA:GPU chose that layout for every
+  block and transposed around each matmul (layers.add_position_embedding)."""
+  _, text = siglip_report
+  entry = text[text.index("\nENTRY"):]
+  arrays = re.findall(r"\b(?:bf16|f32)\[(\d+(?:,\d+)*)\]", entry)
+  residual = [dims for dims in arrays if dims in ("256,196,768", "256,64,768")]
+  batch_minor = [dims for dims in arrays if dims in ("196,768,256", "64,768,256")]
+  assert residual and not batch_minor, batch_minor[:5]
+
+
+def test_unknown_gpu_is_a_clear_error(capsys):
+  assert gpu_compile.main(["--config", "experiments/siglip_shapes.py", "--gpu", "h10"]) == 2
+  assert "h100" in capsys.readouterr().err
