@@ -1,9 +1,11 @@
-"""tools/gpu_compile.py: a GPU's compiled step on a CPU-only machine, and its kernel estimate.
+"""tools/gpu_compile.py and tools/kernel_estimate.py: a GPU's compiled step on a CPU-only machine,
+and its kernel estimate.
 
 The estimate's arithmetic is checked on HLO written by hand; the compile itself with JAX's
 CUDA plugin (`make test` installs it beside the environment): a matmul's memory and FLOPs,
 and a two-block SigLIP B/16 step with cuDNN attention, whose layouts must keep the batch major.
 """
+import gzip
 import re
 
 import jax
@@ -11,6 +13,7 @@ import jax.numpy as jnp
 import pytest
 
 from tools import gpu_compile
+from tools import kernel_estimate
 from vlpjax import train
 from vlpjax.models import attention
 
@@ -29,12 +32,28 @@ _HLO = """HloModule jit_step, entry_computation_layout={()->f32[]}
   ROOT %t = bf16[64,16]{1,0} tanh(%p0.1)
 }
 
+%fused_update (buffer: f32[128], at: s32[], update: f32[8]) -> f32[128] {
+  %update = f32[8]{0} parameter(2)
+  %buffer = f32[128]{0} parameter(0)
+  %at = s32[] parameter(1)
+  ROOT %dus = f32[128]{0} dynamic-update-slice(%buffer, %update, %at)
+}
+
+%fused_slice (stacked: f32[128], at.1: s32[]) -> f32[8] {
+  %stacked = f32[128]{0} parameter(0)
+  %at.1 = s32[] parameter(1)
+  %piece = f32[8]{0} dynamic-slice(%stacked, %at.1), dynamic_slice_sizes={8}
+  ROOT %twice = f32[8]{0} add(%piece, %piece)
+}
+
 %body (s: (s32[], f32[128])) -> (s32[], f32[128]) {
   %s = (s32[], f32[128]{0}) parameter(0)
   %i = s32[] get-tuple-element(%s), index=0
   %v = f32[128]{0} get-tuple-element(%s), index=1
   %n = f32[128]{0} fusion(%v), kind=kLoop, calls=%fused_gelu.2
-  ROOT %r = (s32[], f32[128]{0}) tuple(%i, %n)
+  %sl = f32[8]{0} fusion(%n, %i), kind=kLoop, calls=%fused_slice
+  %up = f32[128]{0} fusion(%n, %i, %sl), kind=kLoop, calls=%fused_update
+  ROOT %r = (s32[], f32[128]{0}) tuple(%i, %up)
 }
 
 %fused_gelu.2 (q: f32[128]) -> f32[128] {
@@ -52,7 +71,7 @@ ENTRY %main (a: bf16[64,32], b: bf16[32,16], w: (s32[], f32[128])) -> bf16[64,16
   %b = bf16[32,16]{1,0} parameter(1)
   %w = (s32[], f32[128]{0}) parameter(2)
   %mm = bf16[64,16]{1,0} fusion(%a, %b), kind=kCustom, calls=%fused_dot, metadata={op_name="jit(step)/jvp(M)/layers_3/fc1/dot_general"}
-  %loop = (s32[], f32[128]{0}) while(%w), condition=%cond, body=%body
+  %loop = (s32[], f32[128]{0}) while(%w), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"3"}}
   %view = bf16[16,64]{0,1} bitcast(%mm)
   %lt = (bf16[16,32]{1,0}, s8[4194304]{0}) custom-call(%view, %a), custom_call_target="__cublas$lt$matmul", backend_config={"gemm_backend_config":{"dot_dimension_numbers":{"lhs_contracting_dimensions":["1"],"rhs_contracting_dimensions":["0"],"lhs_batch_dimensions":[],"rhs_batch_dimensions":[]},"epilogue":"DEFAULT"}}
   ROOT %g = bf16[64,16]{1,0} fusion(%mm), kind=kLoop, calls=%fused_gelu, metadata={op_name="jit(step)/transpose(jvp(M))/layers_3/mlp/tanh"}
@@ -61,43 +80,70 @@ ENTRY %main (a: bf16[64,32], b: bf16[32,16], w: (s32[], f32[128])) -> bf16[64,16
 
 
 def test_kernels_of_hand_written_hlo():
-  found = {k.name: k for k in gpu_compile.kernels(_HLO, H100)}
-  # The matmul fusion, the cuBLAS call, the GELU fusion and the loop body's fusion; views and
-  # the loop itself launch nothing.
-  assert set(found) == {"mm", "lt", "g", "n"}
+  found = {k.name: k for k in kernel_estimate.kernels(_HLO, H100)}
+  # The matmul fusion, the cuBLAS call, the GELU fusion and the loop body's three fusions;
+  # views and the loop itself launch nothing.
+  assert set(found) == {"mm", "lt", "g", "n", "sl", "up"}
   mm, lt, g, n = found["mm"], found["lt"], found["g"], found["n"]
   assert (mm.kind, lt.kind, g.kind, n.kind) == ("matmul", "matmul", "element-wise",
                                                 "element-wise")
+  # The loop runs 3 times (XLA's known trip count): its kernels count 3 times.
+  assert n.launches == 3 and mm.launches == 1
+  assert n.bytes == 3 * 2 * 4 * 128
+  # A slice read of the loop-carried array reads the slice, not the array; an update in place
+  # writes the update and does not read the buffer.
+  assert found["sl"].bytes == 3 * (4 * 8 + 4 + 4 * 8)
+  assert found["up"].bytes == 3 * (4 + 4 * 8 + 4 * 8)
   assert mm.flops == 2 * 64 * 16 * 32 and g.flops == 0
   assert mm.bytes == 2 * (64 * 32 + 32 * 16 + 64 * 16)
   # [16, 64] x [64, 32]: the contraction read from the backend config; the 4 MB workspace
   # is scratch, not traffic.
   assert lt.flops == 2 * 16 * 32 * 64
   assert lt.bytes == 2 * (16 * 64 + 64 * 32 + 16 * 32)
-  assert g.bytes == 2 * 2 * 64 * 16 and n.bytes == 2 * 4 * 128
-  bandwidth = H100.memory_bytes_per_s * gpu_compile.EFFICIENCY["memory"]
-  rate = H100.bf16_flops_per_s * gpu_compile.EFFICIENCY["matmul"]
-  launch = gpu_compile.LAUNCH_SECONDS
+  assert g.bytes == 2 * 2 * 64 * 16
+  bandwidth = H100.memory_bytes_per_s * kernel_estimate.EFFICIENCY["memory"]
+  rate = H100.bf16_flops_per_s * kernel_estimate.EFFICIENCY["matmul"]
+  launch = kernel_estimate.LAUNCH_SECONDS
   assert mm.seconds == pytest.approx(max(mm.bytes / bandwidth, mm.flops / rate) + launch)
   assert g.seconds == pytest.approx(g.bytes / bandwidth + launch)
-  assert gpu_compile.op_group(mm.op_name) == "fwd M/layers_N/fc1/dot_general"
-  assert gpu_compile.op_group(g.op_name) == "bwd M/layers_N/mlp/tanh"
+  assert kernel_estimate.op_group(mm.op_name) == "fwd M/layers_N/fc1/dot_general"
+  assert kernel_estimate.op_group(g.op_name) == "bwd M/layers_N/mlp/tanh"
   # Inside jax.checkpoint the name stack restarts from the model.
-  assert gpu_compile.op_group(
+  assert kernel_estimate.op_group(
       "jit(step)/transpose(jvp(M))/img/layers_2/fc1/M/img/layers_2/fc1/checkpoint/reduce_sum"
   ) == "bwd M/img/layers_N/fc1/checkpoint/reduce_sum"
 
-  summary = gpu_compile.summarize(list(found.values()), model_flops=1e6, gpu=H100)
-  total = mm.seconds + lt.seconds + g.seconds + n.seconds
+  summary = kernel_estimate.summarize(list(found.values()), model_flops=1e6, gpu=H100)
+  total = sum(k.seconds for k in found.values())
+  assert n.seconds == pytest.approx(3 * (n.bytes / 3 / bandwidth + launch))
   assert summary["estimated_step_seconds"] == pytest.approx(total)
   assert summary["estimated_mfu"] == pytest.approx(1e6 / total / H100.bf16_flops_per_s)
-  assert summary["by_kind"]["element-wise"]["kernels"] == 2
+  # GELU once; the loop's exp and slice-add 3 times each; its in-place update is a layout op.
+  assert summary["by_kind"]["element-wise"]["kernels"] == 1 + 2 * 3
+  assert summary["by_kind"]["layout"]["kernels"] == 3
+  assert summary["kernels"] == 2 + 1 + 3 * 3
   assert sum(row["share"] for row in summary["by_kind"].values()) == pytest.approx(1.0)
 
 
+def test_estimate_of_a_saved_hlo(tmp_path, capsys):
+  """--from_hlo: the estimate of a step compiled elsewhere (gzipped, as gpu_benchmarks.sh
+  keeps a GPU's), with the config's model FLOPs; no compile, no plugin."""
+  path = tmp_path / "step.txt.gz"
+  with gzip.open(path, "wt") as f:
+    f.write(_HLO)
+  config = "experiments/siglip_shapes.py:batch=8"
+  assert gpu_compile.main(["--config", config, "--gpu", "h100", "--from_hlo", str(path)]) == 0
+  out = capsys.readouterr().out
+  total = sum(k.seconds for k in kernel_estimate.kernels(_HLO, H100))
+  assert f"{total * 1e3:.1f} ms per step, 12 kernels" in out
+  assert gpu_compile.main(["--config", config, "--gpu", "h100",
+                           "--from_hlo", str(tmp_path / "missing.txt")]) == 2
+  assert "missing.txt" in capsys.readouterr().err
+
+
 def test_shape_bytes():
-  assert gpu_compile.shape_bytes("bf16[3,5]") == 30
-  assert gpu_compile.shape_bytes("(f32[4], s32[], pred[8])") == 16 + 4 + 8
+  assert kernel_estimate.shape_bytes("bf16[3,5]") == 30
+  assert kernel_estimate.shape_bytes("(f32[4], s32[], pred[8])") == 16 + 4 + 8
 
 
 def test_target_config_describes_the_gpu():
@@ -118,7 +164,7 @@ def test_a_matmul_compiled_for_the_h100():
   memory = compiled.memory_analysis()
   assert memory.argument_size_in_bytes == 2 * (512 * 1024 + 1024 * 2048)
   assert memory.output_size_in_bytes == 2 * 512 * 2048
-  (matmul,) = [k for k in gpu_compile.kernels(compiled.as_text(), H100) if k.kind == "matmul"]
+  (matmul,) = [k for k in kernel_estimate.kernels(compiled.as_text(), H100) if k.kind == "matmul"]
   assert matmul.flops == 2 * 512 * 1024 * 2048
 
 

@@ -28,14 +28,22 @@ nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,memory.total --format=c
 "$PYTHON" -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__,
 'optax', optax.__version__, jax.devices())" >>"$OUT_DIR/device.csv" 2>&1
 
-# name | config | flags. Traced runs keep their trace in /tmp (too large to bring back).
+# name | config | flags. Traced runs keep their trace in /tmp (too large to bring back). XLA
+# dumps the step it compiled (autotuned, as it ran); its optimized HLO comes back gzipped, for
+# `python -m tools.gpu_compile --config C --gpu h100 --from_hlo $name.hlo.txt.gz`: the estimate
+# by kind of kernel beside this run's measured `profile`, to set gpu_compile's rates from.
 run() {
   local name="$1" config="$2"; shift 2
+  local dump="/tmp/vlpjax_hlo_$name"
   echo "== $name" >&2
+  XLA_FLAGS="${XLA_FLAGS:-} --xla_dump_to=$dump --xla_dump_hlo_module_re=.*train_step.*" \
   "$PYTHON" -m tools.benchmark --out "$OUT_DIR/$name.json" train --config "$config" \
     --steps 10 --warmup 3 --profile "/tmp/vlpjax_trace_$name" "$@" \
     >/dev/null 2>"$OUT_DIR/$name.log"  # the JSON is in --out
   local rc=$?
+  local hlo
+  hlo=$(ls -S "$dump"/*train_step*after_optimizations.txt 2>/dev/null | head -n 1)
+  [ -n "$hlo" ] && gzip -c "$hlo" >"$OUT_DIR/$name.hlo.txt.gz"
   tail -n 25 "$OUT_DIR/$name.log" >&2
   return $rc
 }
