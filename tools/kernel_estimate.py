@@ -110,8 +110,8 @@ def kernels(hlo_text: str, gpu: Any) -> List[Kernel]:
       if op.opcode in ("while", "conditional", "call"):
         line = _line_of(hlo_text, name)
         trips = _TRIP_COUNT.search(line) if op.opcode == "while" else None
-        inner = runs * (int(trips.group(1)) if trips else 1)
-        pending.extend((called, inner) for called in _SUBCOMPUTATIONS.findall(line))
+        called_runs = runs * (int(trips.group(1)) if trips else 1)
+        pending.extend((called, called_runs) for called in _SUBCOMPUTATIONS.findall(line))
         continue
       if op.opcode in _VIEWS or op.opcode.endswith(("-done", "-update")):
         continue
@@ -122,11 +122,11 @@ def kernels(hlo_text: str, gpu: Any) -> List[Kernel]:
       if kind == "attention":
         flops, rate = attention_flops(op, instructions), attention_rate
       elif kind == "matmul":
-        inner = [op] if op.opcode == "dot" or cublas else [
+        dots = [op] if op.opcode == "dot" or cublas else [
             i for i in profile_summary._instructions_within(op.calls or "", instructions,
                                                              computations)
             if i.opcode == "dot"]
-        flops = sum(dot_flops(d, instructions) for d in inner)
+        flops = sum(dot_flops(d, instructions) for d in dots)
       seconds = max(moved / bandwidth, flops / rate) + LAUNCH_SECONDS
       found.append(Kernel(name, kind, moved * runs, flops * runs, seconds * runs, op.op_name,
                           runs))
