@@ -214,7 +214,7 @@ def compile_train_step(config, gpu: GpuTarget, *, spec: str = "", hlo_path: str 
       compiled = lowered.compile()
     except jax.errors.JaxRuntimeError as e:
       # Without a GPU there is no autotuning, and for some shapes (CoCa's 65-token decoder)
-      # XLA then finds no Triton tiling at all; on a GPU autotuning would pick cuBLAS there.
+      # XLA then finds no Triton tiling at all; on a GPU the autotuner can pick cuBLAS there.
       # cuBLAS for every matmul is the closest compile that works.
       if "tile sizes" not in str(e):
         raise
