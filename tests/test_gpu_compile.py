@@ -247,3 +247,28 @@ def test_missing_plugin_is_a_clear_error(tmp_path):
 def test_unknown_gpu_is_a_clear_error(capsys):
   assert gpu_compile.main(["--config", "experiments/siglip_shapes.py", "--gpu", "h10"]) == 2
   assert "h100" in capsys.readouterr().err
+
+
+def test_xla_options_parse_as_xla_flags_are_written():
+  assert gpu_compile.parse_xla_options(
+      ["xla_gpu_dot_merger_threshold_mb=0", "--xla_gpu_enable_cublaslt=true",
+       "xla_gpu_cuda_data_dir=/opt/cuda"]) == {
+           "xla_gpu_dot_merger_threshold_mb": 0, "xla_gpu_enable_cublaslt": True,
+           "xla_gpu_cuda_data_dir": "/opt/cuda"}
+  for bad in ("xla_gpu_enable_cublaslt", "enable_cublaslt=true"):
+    with pytest.raises(gpu_compile.XlaOptionError, match="NAME=VALUE"):
+      gpu_compile.parse_xla_options([bad])
+
+
+def test_xla_options_reach_the_compile(tmp_path, capsys):
+  """--xla sets an XLA option for the compile (here: no Triton matmuls, so cuBLAS calls only);
+  an option XLA lacks is a clear error."""
+  hlo = tmp_path / "step.hlo.txt"
+  assert gpu_compile.main(["--config", "experiments/siglip_shapes.py", "--gpu", "h100",
+                           "--config.compute_dtype=bfloat16", "--hlo", str(hlo),
+                           "--xla", "xla_gpu_enable_triton_gemm=false"]) == 0
+  text = hlo.read_text()
+  assert re.search(r'custom_call_target="__cublas', text) and "__triton_gemm" not in text
+  assert gpu_compile.main(["--config", "experiments/siglip_shapes.py", "--gpu", "h100",
+                           "--xla", "xla_gpu_no_such_option=1"]) == 2
+  assert "no such option" in capsys.readouterr().err

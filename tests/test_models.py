@@ -201,6 +201,58 @@ def test_add_position_embedding_matches_autodiff_of_the_sum(dtype):
   np.testing.assert_allclose(gpos, np.asarray(g, np.float64).sum(0), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype,kernel_shape", [(jnp.float32, (6, 4)),
+                                                 (jnp.float32, (6, 2, 3)),
+                                                 (jnp.bfloat16, (6, 2, 3))])
+def test_biased_token_matmul_matches_autodiff_of_matmul_plus_bias(dtype, kernel_shape):
+  keys = jax.random.split(jax.random.PRNGKey(0), 4)
+  x = jax.random.normal(keys[0], (3, 5, 6)).astype(dtype)
+  kernel = jax.random.normal(keys[1], kernel_shape).astype(dtype)
+  bias = jax.random.normal(keys[2], kernel_shape[1:]).astype(dtype)
+  got, got_vjp = jax.vjp(layers.biased_token_matmul, x, kernel, bias)
+  want, want_vjp = jax.vjp(lambda x, k, b: layers.token_matmul(x, k) + b, x, kernel, bias)
+  assert got.shape == want.shape == (3, 5) + kernel_shape[1:] and got.dtype == dtype
+  tol = dict(rtol=1e-5, atol=1e-5) if dtype == jnp.float32 else dict(rtol=2e-2, atol=5e-2)
+  as_f32 = lambda a: np.asarray(a, np.float32)
+  np.testing.assert_allclose(as_f32(got), as_f32(want), **tol)
+  g = jax.random.normal(keys[3], got.shape).astype(dtype)
+  for ours, theirs in zip(got_vjp(g), want_vjp(g)):
+    assert ours.dtype == theirs.dtype and ours.shape == theirs.shape
+    np.testing.assert_allclose(as_f32(ours), as_f32(theirs), **tol)
+  # The bias gradient is a row of the weight-gradient matmul (f32 accumulation), not a
+  # reduction of its own over the tokens.
+  backward = jax.make_jaxpr(got_vjp)(g)
+  assert not [e for e in backward.eqns if e.primitive.name.startswith("reduce")]
+  np.testing.assert_allclose(as_f32(got_vjp(g)[2]),
+                             np.asarray(g, np.float64).sum((0, 1)), rtol=1e-2, atol=1e-2)
+
+
+def test_two_tower_traced_for_a_gpu_computes_what_it_computes_on_cpu():
+  # Traced for a GPU, the q/k/v and fc1 biases go inside their matmuls
+  # (layers.matmul_plus_bias); with einsum attention the step still runs here, and its loss
+  # and gradients must be the CPU trace's.
+  from vlpjax.models import attention  # pylint: disable=g-import-not-at-top
+  images, texts = _images(), _texts()
+  model = _two_tower(attention_impl="einsum")
+  params = nn.unbox(model.init(jax.random.PRNGKey(0), images, texts))["params"]
+
+  def loss_and_grads():
+    # A new function each time: JAX caches traces by function, not by compile_target.
+    def loss(p):
+      zimg, ztxt, _ = model.apply({"params": p}, images, texts)
+      return jnp.sum(zimg * ztxt)
+    jaxpr = jax.make_jaxpr(loss)(params)
+    return str(jaxpr).count("name=biased_token_matmul"), jax.value_and_grad(loss)(params)
+
+  on_cpu, want = loss_and_grads()
+  with attention.compile_target("gpu", 9.0):
+    on_gpu, got = loss_and_grads()
+  # q, k, v and fc1 in each tower's block and in the image tower's MAP head.
+  assert (on_cpu, on_gpu) == (0, 12)
+  jax.tree_util.tree_map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5),
+                         got, want)
+
+
 class _AsFc1(nn.Module):
   """Puts `make(name="fc1")` at the path MlpBlock gives its fc1 (init's rng follows paths)."""
   make: Any
@@ -402,6 +454,34 @@ def test_runs_under_mesh_with_logical_rules():
     assert "sharding_constraint" in apply.lower(variables, images, texts).as_text()
     zimg, _, _ = apply(variables, images, texts)
   np.testing.assert_allclose(zimg, want, rtol=1e-5, atol=1e-6)
+
+
+def test_biases_in_matmuls_shard_like_the_plain_model():
+  """The GPU trace (layers.biased_token_matmul) under FSDP + tensor rules: the kernel's
+  `embed` dim, which the bias row extends, is sharded. Gradients as the unsharded CPU trace's."""
+  from vlpjax.models import attention  # pylint: disable=g-import-not-at-top
+  mesh = jax.make_mesh((4, 2), ("data", "model"),
+                       axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  rules = (("act_batch", "data"), ("embed", "data"), ("mlp", "model"),
+           ("heads", "model"), ("act_heads", "model"), ("act_mlp", "model"),
+           ("vocab", "model"), ("patch", None))
+  model = _two_tower(attention_impl="einsum")
+  images, texts = _images(batch=4), _texts(batch=4)
+  # Boxed (nn.Partitioned): under the rules, Flax constrains each parameter to its sharding.
+  params = model.init(jax.random.PRNGKey(0), images, texts)["params"]
+
+  def loss(p):
+    zimg, ztxt, _ = model.apply({"params": p}, images, texts)
+    return jnp.sum(zimg * ztxt)
+
+  want = nn.unbox(jax.jit(jax.grad(loss))(params))
+  with attention.compile_target("gpu", 9.0), jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    assert "name=biased_token_matmul" in str(jax.make_jaxpr(lambda p: loss(p))(params))
+    step = jax.jit(jax.grad(lambda p: loss(p)))
+    assert "sharding_constraint" in step.lower(params).as_text()
+    got = nn.unbox(step(params))
+  jax.tree_util.tree_map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5),
+                         got, want)
 
 
 def test_model_registry():

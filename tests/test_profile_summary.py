@@ -264,8 +264,8 @@ def test_the_gpu_script_runs_configs_that_load():
   script = os.path.join(REPO, "tools", "gpu_benchmarks.sh")
   subprocess.run(["bash", "-n", script], check=True)
   text = open(script, encoding="utf-8").read().replace("\\\n", " ")
-  runs = re.findall(r"^run (\S+) (\S+)(.*?)\|\|", text, re.MULTILINE)
-  assert len(runs) >= 3
+  runs = re.findall(r"^(?:XLA_FLAGS=.*?\s+)?run (\S+) (\S+)(.*?)\|\|", text, re.MULTILINE)
+  assert len(runs) >= 4
   for _, config, flags in runs:
     overrides = [f[len("--config."):] for f in flags.split() if f.startswith("--config.")]
     loaded = train.load_config(os.path.join(REPO, config), overrides)

@@ -7,7 +7,7 @@
 # Why one script: such a machine is often lent for minutes, and each start costs some of them.
 # Everything is run in one go and comes back as a few files: the device line (nvidia-smi), and
 # per run the benchmark's JSON (with `profile`: the step's op time by kind of work, read from a
-# jax.profiler trace by tools/profile_summary.py) and its log. About 5 minutes on an H100.
+# jax.profiler trace by tools/profile_summary.py) and its log. About 6 minutes on an H100.
 #
 # Packages: the train benchmark needs JAX (with its CUDA plugin), Flax, optax, Orbax and
 # ml_collections; not TensorFlow or seqio. Where one is missing and there is no package index,
@@ -49,6 +49,12 @@ run() {
 }
 status=0
 run siglip_b16_b256 experiments/siglip_b16.py:batch=256,rules=data_parallel \
+  --config.remat_policy=none || status=1
+# The same step with XLA's dot merger off: it joins the text tower's q/k/v matmuls (which share
+# their input) into one and then copies q, k and v out for cuDNN; 1.1 ms less in the deviceless
+# estimate (docs/benchmarks.md). Measured here to decide whether the trainer should set it.
+XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_dot_merger_threshold_mb=0" \
+run siglip_b16_b256_no_dot_merger experiments/siglip_b16.py:batch=256,rules=data_parallel \
   --config.remat_policy=none || status=1
 run siglip_b16_b512 experiments/siglip_b16.py:batch=512,rules=data_parallel \
   --config.remat_policy=none || status=1

@@ -4,6 +4,7 @@ what its kernels cost at the GPU's memory bandwidth and matmul rate.
   python -m tools.gpu_compile --config experiments/siglip_b16.py:batch=256,rules=data_parallel \\
       --gpu h100 --config.remat_policy=none [--hlo step.hlo.txt] [--json report.json]
   python -m tools.gpu_compile --config ... --gpu h100 --from_hlo dumped_step.txt.gz
+  python -m tools.gpu_compile --config ... --gpu h100 --xla xla_gpu_dot_merger_threshold_mb=0
 
 No GPU is touched. XLA compiles for a GPU it is told about instead of one it queries
 ("deviceless" compilation): JAX's CUDA plugin takes a description of the device (the
@@ -178,6 +179,10 @@ def _cudnn_unchecked(gpu: GpuTarget) -> Iterator[None]:
       setattr(fused, name, value)
 
 
+class XlaOptionError(ValueError):
+  """An --xla option that is malformed or that this XLA does not have."""
+
+
 @dataclasses.dataclass
 class Report:
   config: str
@@ -200,10 +205,15 @@ class Report:
 
 
 def compile_train_step(config, gpu: GpuTarget, *, spec: str = "", hlo_path: str = "",
-                       top: int = 15) -> Report:
-  """Traces and compiles the finalised `config`'s train step for one `gpu`; the Report."""
+                       top: int = 15, xla_options: Optional[Dict[str, Any]] = None) -> Report:
+  """Traces and compiles the finalised `config`'s train step for one `gpu`; the Report.
+
+  `xla_options`: XLA debug options for this compile ({"xla_gpu_...": value}), as a GPU run
+  would take them in XLA_FLAGS (which this process's CPU XLA would refuse for GPU-only flags).
+  """
   from vlpjax import flops as flops_lib  # pylint: disable=g-import-not-at-top
   from vlpjax import train_setup  # pylint: disable=g-import-not-at-top
+  options = dict(xla_options or {})
   device = compile_only_gpu(gpu)
   with _cudnn_unchecked(gpu):
     setup = train_setup.build(config, devices=[device])
@@ -211,8 +221,12 @@ def compile_train_step(config, gpu: GpuTarget, *, spec: str = "", hlo_path: str 
     start = time.perf_counter()
     triton_gemm = True
     try:
-      compiled = lowered.compile()
+      compiled = lowered.compile(compiler_options=options or None)
     except jax.errors.JaxRuntimeError as e:
+      if "No such compile option" in str(e):
+        raise XlaOptionError(f"--xla: this XLA has no such option ({e}); the names are "
+                             "XLA's DebugOptions fields, e.g. xla_gpu_dot_merger_threshold_mb"
+                             ) from None
       # Without a GPU there is no autotuning, and for some shapes (CoCa's 65-token decoder)
       # XLA then finds no Triton tiling at all; on a GPU the autotuner can pick cuBLAS there.
       # cuBLAS for every matmul is the closest compile that works.
@@ -221,7 +235,8 @@ def compile_train_step(config, gpu: GpuTarget, *, spec: str = "", hlo_path: str 
       print("gpu_compile: XLA found no Triton GEMM tiling without autotuning; compiling "
             "with --xla_gpu_enable_triton_gemm=false (cuBLAS for every matmul)", file=sys.stderr)
       triton_gemm = False
-      compiled = lowered.compile(compiler_options={"xla_gpu_enable_triton_gemm": False})
+      compiled = lowered.compile(
+          compiler_options=dict(options, xla_gpu_enable_triton_gemm=False))
   compile_seconds = time.perf_counter() - start
   text = compiled.as_text()
   if hlo_path:
@@ -285,8 +300,26 @@ def parse_args(argv):
   parser.add_argument("--from_hlo", metavar="FILE[.gz]",
                       help="estimate this compiled HLO (e.g. dumped on a GPU) instead of "
                            "compiling; the config gives the model FLOPs")
+  parser.add_argument("--xla", action="append", default=[], metavar="NAME=VALUE",
+                      help="an XLA option for this compile, e.g. "
+                           "xla_gpu_dot_merger_threshold_mb=0 (repeatable)")
   args, rest = parser.parse_known_args(argv)
   return args, config_lib.split_overrides(parser, rest)
+
+
+def parse_xla_options(items: Sequence[str]) -> Dict[str, Any]:
+  """['xla_gpu_x=true', 'xla_gpu_n=2'] -> {'xla_gpu_x': True, 'xla_gpu_n': 2}; leading
+  dashes are dropped, so flags copied from an XLA_FLAGS line work as they are."""
+  options = {}
+  for item in items:
+    name, sep, value = item.lstrip("-").partition("=")
+    if not sep or not name.startswith("xla_"):
+      raise XlaOptionError(f"--xla {item!r}: expected NAME=VALUE with an xla_ name, e.g. "
+                           "xla_gpu_dot_merger_threshold_mb=0")
+    lowered = value.lower()
+    options[name] = (lowered == "true" if lowered in ("true", "false")
+                     else int(value) if value.lstrip("-").isdigit() else value)
+  return options
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -296,6 +329,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           file=sys.stderr)
     return 2
   try:
+    xla_options = parse_xla_options(args.xla)
     config = config_lib.finalize(config_lib.load(args.config), overrides)
     if args.from_hlo:
       est, model_flops = estimate_saved_hlo(args.from_hlo, config, GPUS[args.gpu], args.top)
@@ -303,18 +337,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
       print(kernel_estimate.format_estimate(est, model_flops))
       return 0
     report = compile_train_step(config, GPUS[args.gpu], spec=args.config, hlo_path=args.hlo,
-                                top=args.top)
+                                top=args.top, xla_options=xla_options)
   except OSError as e:
     print(f"Error: {e}", file=sys.stderr)
     return 2
   except (PluginMissingError, config_lib.ConfigError, ValueError) as e:
-    kind = "Error" if isinstance(e, PluginMissingError) else "Config error"
+    kind = "Error" if isinstance(e, (PluginMissingError, XlaOptionError)) else "Config error"
     print(f"{kind}: {e}", file=sys.stderr)
     return 2
   print(format_report(report), flush=True)
   if args.json:
     with open(args.json, "w") as f:
-      json.dump(dict(report.to_json(), overrides=list(overrides), jax=jax.__version__), f,
+      json.dump(dict(report.to_json(), overrides=list(overrides), xla_options=xla_options,
+                     jax=jax.__version__), f,
                 indent=2)
       f.write("\n")
   return 0 if report.fits else 1

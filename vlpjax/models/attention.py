@@ -53,6 +53,11 @@ def compile_target(backend: str, compute_capability: Optional[float] = None) -> 
     _TARGET.update(saved)
 
 
+def target_backend() -> str:
+  """The backend the model is traced for: `compile_target`'s, else JAX's."""
+  return _TARGET.get("backend") or jax.default_backend()
+
+
 def resolve(impl: str, dtype: Any, backend: Optional[str] = None) -> str:
   """The implementation `impl` names for compute `dtype` on `backend` (default: JAX's).
 
@@ -61,7 +66,7 @@ def resolve(impl: str, dtype: Any, backend: Optional[str] = None) -> str:
   if impl not in IMPLEMENTATIONS:
     raise ValueError(unknown_name_message("attention implementation (config.attention_impl)",
                                           impl, IMPLEMENTATIONS))
-  backend = backend or _TARGET.get("backend") or jax.default_backend()
+  backend = backend or target_backend()
   cudnn_dtype = jnp.dtype(dtype) in [jnp.dtype(d) for d in _CUDNN_DTYPES]
   if impl == "auto":
     return "cudnn" if backend == "gpu" and cudnn_dtype else "einsum"
@@ -87,7 +92,7 @@ def cudnn_takes(q_len: int, kv_len: int, head_dim: int, backend: Optional[str] =
   a bias were given, and cuDNN needs even lengths with one. Head dims: multiples of 8, at most
   256 on Hopper and later, 128 before.
   """
-  backend = backend or _TARGET.get("backend") or jax.default_backend()
+  backend = backend or target_backend()
   max_head_dim = 128
   if backend == "gpu":
     capability = (_TARGET.get("compute_capability") or

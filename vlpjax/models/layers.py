@@ -52,6 +52,79 @@ def token_matmul(x: Array, kernel: Array, num_contract: int = 1,
   return y.reshape(lead + out_shape)
 
 
+# `biased_token_matmul`'s extra contraction lanes: a ones column, then zeros up to 16 so that the
+# contraction stays a multiple of 16 (the bf16 granule of tensor-core matmuls).
+BIAS_LANES = 16
+
+
+def _with_bias_lanes(x2d: Array) -> Array:
+  lanes = jnp.zeros((x2d.shape[0], BIAS_LANES), x2d.dtype).at[:, 0].set(1)
+  return jnp.concatenate([x2d, lanes], axis=1)
+
+
+def _biased_matmul_fwd(x: Array, kernel: Array, bias: Array):
+  size_in, lead, out_shape = kernel.shape[0], x.shape[:-1], kernel.shape[1:]
+  w = kernel.reshape(size_in, -1)
+  lanes = jnp.zeros((BIAS_LANES - 1, w.shape[1]), w.dtype)
+  w_aug = jnp.concatenate([w, bias.reshape(1, -1).astype(w.dtype), lanes], axis=0)
+  x_aug = _with_bias_lanes(x.reshape(-1, size_in))
+  y = jnp.dot(x_aug, w_aug)
+  # A zero-size array carries the bias's dtype to the backward pass (residuals are arrays).
+  return y.reshape(lead + out_shape), (x_aug, kernel, jnp.zeros((0,), bias.dtype))
+
+
+def _biased_matmul_bwd(residuals, dy: Array):
+  x_aug, kernel, bias_dtype_carrier = residuals
+  size_in, out_shape = kernel.shape[0], kernel.shape[1:]
+  dy2d = dy.reshape(-1, int(np.prod(out_shape)))
+  dx = jnp.dot(dy2d, kernel.reshape(size_in, -1).T)
+  # One matmul for both: row `size_in` of x_aug's columns is the ones column.
+  dw_aug = jnp.dot(x_aug.T, dy2d, preferred_element_type=jnp.float32)
+  d_kernel = dw_aug[:size_in].astype(kernel.dtype).reshape(kernel.shape)
+  d_bias = dw_aug[size_in].astype(bias_dtype_carrier.dtype).reshape(out_shape)
+  return dx.reshape(dy.shape[:dy.ndim - len(out_shape)] + (size_in,)), d_kernel, d_bias
+
+
+@jax.custom_vjp
+def biased_token_matmul(x: Array, kernel: Array, bias: Array) -> Array:
+  """x [..., in] . kernel [in, *out] + bias [*out], with the bias inside the matmul.
+
+  x gets a ones column (and zeros up to BIAS_LANES) and the kernel the bias as a row, so one
+  matmul adds the bias in the forward pass, and in the backward pass the weight-gradient matmul
+  sums the bias gradient too (f32 accumulation). Why: as separate ops, the forward's bias add
+  and the backward's bias gradient each read the whole [tokens, out] activation once more, and
+  XLA:GPU fuses neither into its matmuls (on a deviceless H100 compile of the SigLIP B/16 step:
+  2.4 ms of 96 estimated; docs/benchmarks.md). The ones column is written by the kernel that
+  writes x (a LayerNorm), so it costs 2% more matmul FLOPs and 2% more bytes of x.
+  """
+  return _biased_matmul_fwd(x, kernel, bias)[0]
+
+
+biased_token_matmul.defvjp(_biased_matmul_fwd, _biased_matmul_bwd)
+
+
+def bias_in_matmul() -> bool:
+  """Whether biases go inside their matmuls (`biased_token_matmul`): where the step is traced
+  for a GPU. Elsewhere the add is an elementwise pass after the matmul: XLA:TPU fuses that pass
+  into the matmul itself (and would pad the 16 extra lanes to its 128-wide tiles), and the CPU
+  step is matmul-bound (an A/B of the SigLIP B/16 step, f32 on 2 cores, showed no gain: +3.5%,
+  inside this machine's run-to-run spread of about 10%)."""
+  return attention.target_backend() == "gpu"
+
+
+def matmul_plus_bias(x: Array, kernel: Array, bias: Array,
+                     scale: Optional[Array] = None) -> Array:
+  """(x [..., in] . kernel [in, *out] + bias) * scale, in one matmul on GPUs (the scale applied
+  to the kernel and bias, so no pass over the result is left), else a matmul and one
+  elementwise pass (`bias_in_matmul`)."""
+  if bias_in_matmul():
+    if scale is not None:
+      kernel, bias = kernel * scale, bias * scale
+    return biased_token_matmul(x, kernel, bias)
+  y = token_matmul(x, kernel) + bias
+  return y if scale is None else y * scale
+
+
 class Dense(nn.Dense):
   """`nn.Dense` (same parameters and names) that flattens [..., D] inputs to [tokens, D] first.
 
@@ -99,8 +172,8 @@ def layer_norm(name: str, param_dtype: Dtype) -> nn.LayerNorm:
       name=name)
 
 
-def _bias_gelu(h: Array, bias: Array) -> Array:
-  return nn.gelu(h + bias, approximate=True)
+def _bias_gelu(h: Array, bias: Optional[Array] = None) -> Array:
+  return nn.gelu(h if bias is None else h + bias, approximate=True)
 
 
 # Recomputed in the backward pass from the matmul's output (`jax.checkpoint` keeps only its
@@ -109,13 +182,15 @@ def _bias_gelu(h: Array, bias: Array) -> Array:
 # reads three where two do; these are a ViT block's largest activations and the work around them
 # is memory-bound, so recomputing costs little. On a deviceless H100 compile of the SigLIP B/16
 # step (tools/gpu_compile.py, docs/benchmarks.md) it took 3.2 ms off the estimated step and 4.6
-# GiB off its memory; on CPU, where the recomputed tanh is not free, within 2%.
+# GiB off its memory; on CPU, where the recomputed tanh is not free, within 2%. (On GPUs the
+# bias is inside the matmul, `bias_in_matmul`, and `bias` is None.)
 bias_gelu = jax.checkpoint(_bias_gelu)
 
 
 class DenseGelu(nn.Module):
   """tanh-GELU(x . kernel + bias): `nn.Dense`'s parameters (names, shapes, initialisers) with
-  the bias add and the GELU in `bias_gelu`."""
+  the bias add (unless it is inside the matmul, `bias_in_matmul`) and the GELU in
+  `bias_gelu`."""
   features: int
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -128,6 +203,8 @@ class DenseGelu(nn.Module):
                         self.param_dtype)
     bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    if bias_in_matmul():
+      return bias_gelu(biased_token_matmul(x, kernel, bias))
     return bias_gelu(token_matmul(x, kernel), bias)
 
 
@@ -162,12 +239,14 @@ class HeadProjection(nn.Module):
   XLA moves the heads once, here, instead of around every attention matmul (on CPU the
   [B, L, heads, kv] layout cost about 10% of a ViT-B block's step time in transposes).
   `heads_first=False` writes [B, L, heads, kv], the layout fused attention kernels take.
+  `output_scale` multiplies the result (q's 1/sqrt(head_dim)); see `matmul_plus_bias`.
   """
   num_heads: int
   head_dim: int
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   heads_first: bool = True
+  output_scale: float = 1.0
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
@@ -178,7 +257,8 @@ class HeadProjection(nn.Module):
     bias = self.param("bias", partitioned(_BIAS_INIT, ("heads", "kv")), shape[1:],
                       self.param_dtype)
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-    y = token_matmul(x, kernel) + bias
+    scale = None if self.output_scale == 1.0 else jnp.asarray(self.output_scale, self.dtype)
+    y = matmul_plus_bias(x, kernel, bias, scale)
     return jnp.swapaxes(y, -2, -3) if self.heads_first else y
 
 
@@ -243,14 +323,15 @@ class MultiHeadAttention(nn.Module):
     heads_first = attention.uses_heads_first(self.attention_impl, self.dtype)
     act_names = ACT_HEADS_FIRST if heads_first else ACT_HEADS
 
-    def project(x, name):
+    def project(x, name, scale=1.0):
       y = HeadProjection(self.num_heads, head_dim, self.dtype, self.param_dtype, heads_first,
-                         name=name)(x)
+                         scale, name=name)(x)
       return constrain(y, act_names)
 
-    # The 1/sqrt(head_dim) scale goes on q ([B, h, Lq, kv]), not on the logits
-    # ([B, h, Lq, Lk]): the same result for less elementwise work when Lk > kv.
-    q = project(inputs_q, "q_proj") * jnp.asarray(head_dim ** -0.5, self.dtype)
+    # The 1/sqrt(head_dim) scale goes on q's projection ([B, h, Lq, kv]; on GPUs into its kernel
+    # and bias), not on the logits ([B, h, Lq, Lk]): the same result for less elementwise work
+    # when Lk > kv.
+    q = project(inputs_q, "q_proj", head_dim ** -0.5)
     k = project(inputs_kv, "k_proj")
     v = project(inputs_kv, "v_proj")
     attended = attention.attend(q, k, v, mask, impl=self.attention_impl, dtype=self.dtype,
