@@ -43,7 +43,10 @@ _TARGET: Dict[str, Any] = {}
 def compile_target(backend: str, compute_capability: Optional[float] = None) -> Iterator[None]:
   """Within: choose implementations for `backend` (and a GPU's compute capability), not for
   the machine tracing. For compiling ahead of time for a device this machine lacks
-  (tools/gpu_compile.py traces a GPU's step on a CPU-only machine)."""
+  (tools/gpu_compile.py traces a GPU's step on a CPU-only machine).
+
+  JAX caches traces by function and argument types, not by this setting: trace a new function
+  (a freshly built step) within it, or a function traced before may come back as it was."""
   saved = dict(_TARGET)
   _TARGET.update(backend=backend, compute_capability=compute_capability)
   try:
