@@ -227,32 +227,6 @@ def test_biased_token_matmul_matches_autodiff_of_matmul_plus_bias(dtype, kernel_
                              np.asarray(g, np.float64).sum((0, 1)), rtol=1e-2, atol=1e-2)
 
 
-def test_two_tower_traced_for_a_gpu_computes_what_it_computes_on_cpu():
-  # Traced for a GPU, the q/k/v and fc1 biases go inside their matmuls
-  # (layers.matmul_plus_bias); with einsum attention the step still runs here, and its loss
-  # and gradients must be the CPU trace's.
-  from vlpjax.models import attention  # pylint: disable=g-import-not-at-top
-  images, texts = _images(), _texts()
-  model = _two_tower(attention_impl="einsum")
-  params = nn.unbox(model.init(jax.random.PRNGKey(0), images, texts))["params"]
-
-  def loss_and_grads():
-    # A new function each time: JAX caches traces by function, not by compile_target.
-    def loss(p):
-      zimg, ztxt, _ = model.apply({"params": p}, images, texts)
-      return jnp.sum(zimg * ztxt)
-    jaxpr = jax.make_jaxpr(loss)(params)
-    return str(jaxpr).count("name=biased_token_matmul"), jax.value_and_grad(loss)(params)
-
-  on_cpu, want = loss_and_grads()
-  with attention.compile_target("gpu", 9.0):
-    on_gpu, got = loss_and_grads()
-  # q, k, v and fc1 in each tower's block and in the image tower's MAP head.
-  assert (on_cpu, on_gpu) == (0, 12)
-  jax.tree_util.tree_map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5),
-                         got, want)
-
-
 class _AsFc1(nn.Module):
   """Puts `make(name="fc1")` at the path MlpBlock gives its fc1 (init's rng follows paths)."""
   make: Any
@@ -456,9 +430,11 @@ def test_runs_under_mesh_with_logical_rules():
   np.testing.assert_allclose(zimg, want, rtol=1e-5, atol=1e-6)
 
 
-def test_biases_in_matmuls_shard_like_the_plain_model():
-  """The GPU trace (layers.biased_token_matmul) under FSDP + tensor rules: the kernel's
-  `embed` dim, which the bias row extends, is sharded. Gradients as the unsharded CPU trace's."""
+def test_two_tower_traced_for_a_gpu_trains_as_on_cpu_and_shards():
+  """Traced for a GPU, the q/k/v and fc1 biases go inside their matmuls
+  (layers.biased_token_matmul); with einsum attention that step runs here. Under FSDP + tensor
+  rules on 8 devices (the kernel's sharded `embed` dim is the one the bias row extends), its
+  gradients must be the unsharded CPU trace's."""
   from vlpjax.models import attention  # pylint: disable=g-import-not-at-top
   mesh = jax.make_mesh((4, 2), ("data", "model"),
                        axis_types=(jax.sharding.AxisType.Auto,) * 2)
@@ -470,14 +446,22 @@ def test_biases_in_matmuls_shard_like_the_plain_model():
   # Boxed (nn.Partitioned): under the rules, Flax constrains each parameter to its sharding.
   params = model.init(jax.random.PRNGKey(0), images, texts)["params"]
 
-  def loss(p):
-    zimg, ztxt, _ = model.apply({"params": p}, images, texts)
-    return jnp.sum(zimg * ztxt)
+  def make_loss():
+    # A new function for each trace: JAX caches traces by function, not by compile_target.
+    def loss(p):
+      zimg, ztxt, _ = model.apply({"params": p}, images, texts)
+      return jnp.sum(zimg * ztxt)
+    return loss
 
-  want = nn.unbox(jax.jit(jax.grad(loss))(params))
+  def biased_matmuls():
+    return str(jax.make_jaxpr(make_loss())(params)).count("name=biased_token_matmul")
+
+  assert biased_matmuls() == 0
+  want = nn.unbox(jax.jit(jax.grad(make_loss()))(params))
   with attention.compile_target("gpu", 9.0), jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    assert "name=biased_token_matmul" in str(jax.make_jaxpr(lambda p: loss(p))(params))
-    step = jax.jit(jax.grad(lambda p: loss(p)))
+    # q, k, v and fc1 in each tower's block and in the image tower's MAP head.
+    assert biased_matmuls() == 12
+    step = jax.jit(jax.grad(make_loss()))
     assert "sharding_constraint" in step.lower(params).as_text()
     got = nn.unbox(step(params))
   jax.tree_util.tree_map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5),
