@@ -55,5 +55,7 @@ PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 test: $(STAMP) $(GPU_PLUGIN_STAMP)
 	$(PYTEST) -m "not slow" --durations=10
 
+# The whole suite, slow checks included, compiled at the optimisation level users run (see
+# tests/conftest.py: `make test` skips LLVM's optimisation of XLA:CPU's generated loops).
 test-all: $(STAMP) $(GPU_PLUGIN_STAMP)
-	$(PYTEST)
+	VLPJAX_TEST_FULL_OPT=1 $(PYTEST)

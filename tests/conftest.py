@@ -3,7 +3,14 @@ import os
 import shutil
 import tempfile
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+# LLVM's optimisation of the machine code XLA:CPU generates is ~40% of compiling a tiny
+# model's step, and none of what the tests check: every HLO pass (fusion, SPMD partitioning,
+# remat) runs as before, so a program differs from the fully optimised one only in its speed
+# and float round-off (1.5e-6 in the tiny SigLIP's params after 3 steps). Tests compare runs
+# compiled alike. `make test-all` sets VLPJAX_TEST_FULL_OPT=1: the level users run.
+_FAST_COMPILE = "" if os.environ.get("VLPJAX_TEST_FULL_OPT") == "1" else (
+    " --xla_backend_optimization_level=0")
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + _FAST_COMPILE +
                            " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # CPU devices only, even with libtpu installed (the TPU compile tests load it themselves).
@@ -24,17 +31,27 @@ jax.config.update("jax_threefry_partitionable", True)
 _COMPILE_CACHE = "VLPJAX_TEST_COMPILE_CACHE"
 
 
+# The command lines the tests start (`python -m vlpjax.train ...`) read the same settings from
+# their environment, so a resumed run loads the program its killed run compiled.
+_CACHE_SETTINGS = {
+    "jax_compilation_cache_dir": None,  # the run's directory
+    "jax_persistent_cache_min_compile_time_secs": 0.2,
+    # A size bound turns on JAX's file lock around reads and writes: two workers (or two
+    # processes of one multi-host run) may write and read one entry at once.
+    "jax_compilation_cache_max_size": 4 << 30,
+}
+
+
 def pytest_configure(config):
   cache = os.environ.get(_COMPILE_CACHE)
   if cache is None:  # The controller (or a run without xdist): it makes the run's directory,
     cache = tempfile.mkdtemp(prefix="vlpjax-test-compile-cache-")  # and workers inherit it.
     os.environ[_COMPILE_CACHE] = cache
     config.vlpjax_compile_cache_owned = cache
-  jax.config.update("jax_compilation_cache_dir", cache)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
-  # A size bound turns on JAX's file lock around reads and writes: two workers may write and
-  # read one entry at once.
-  jax.config.update("jax_compilation_cache_max_size", 4 << 30)
+  for name, value in _CACHE_SETTINGS.items():
+    value = cache if value is None else value
+    jax.config.update(name, value)
+    os.environ[name.upper()] = str(value)
 
 
 def pytest_unconfigure(config):

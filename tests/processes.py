@@ -24,8 +24,17 @@ def free_port(low: int = 0) -> int:
 
 
 def env_with_devices(devices: int) -> dict:
-  return {**os.environ, "PYTHONPATH": REPO,
-          "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+  """This environment with `devices` CPU devices (the other XLA flags kept)."""
+  flags = [flag for flag in os.environ.get("XLA_FLAGS", "").split()
+           if not flag.startswith("--xla_force_host_platform_device_count")]
+  flags.append(f"--xla_force_host_platform_device_count={devices}")
+  return {**os.environ, "PYTHONPATH": REPO, "XLA_FLAGS": " ".join(flags)}
+
+
+def env_compiling_everything() -> dict:
+  """This environment without the test run's compilation cache (see conftest.py)."""
+  return {name: value for name, value in os.environ.items()
+          if name != "JAX_COMPILATION_CACHE_DIR"}
 
 
 def start_processes(args: Sequence[str], *, num_processes: int = 2, devices_each: int = 4,

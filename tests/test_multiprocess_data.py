@@ -20,7 +20,7 @@ def test_two_processes_read_disjoint_shards_covering_the_split(tmp_path):
                                  num_examples=20, num_shards=4)
   glob = str(tmp_path / "shapes-*")
   port = processes.free_port()
-  env = {**os.environ, "PYTHONPATH": REPO, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+  env = processes.env_with_devices(2)
   outs = [str(tmp_path / f"ids{i}.json") for i in range(2)]
   procs = [subprocess.Popen([sys.executable, WORKER, str(i), str(port), glob, outs[i]],
                             env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

@@ -11,6 +11,7 @@ import jax
 import numpy as np
 import pytest
 
+from tests import processes
 from tests.processes import REPO
 from tests.test_trainer import DEMO, assert_trees_close, make_config, tiny_overrides
 from vlpjax import checkpoint as checkpoint_lib
@@ -96,10 +97,12 @@ def _kill_loop(tmp_path, kills: int, seed: int):
   workdir = tmp_path / "killed"
   arg = "steps=40,batch=16,size=16,eval_every=0"
   cmd = _train_cmd(workdir, arg, ["checkpoint.every_steps=1", "checkpoint.max_to_keep=2"])
+  # Every start compiles, as a user's would: kills also land in compilation.
+  env = processes.env_compiling_everything()
   killed = 0
   while killed < kills:
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                            text=True)
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
     if rng.random() < 0.2:  # anywhere in start-up: imports, restore, compilation
       time.sleep(rng.uniform(0.5, 8.0))
     else:  # a few steps in, then a little later (mid-step or mid-save)
@@ -120,7 +123,7 @@ def _kill_loop(tmp_path, kills: int, seed: int):
                                          read_only=True).latest_step()
     if latest is not None:
       _final_params(workdir, latest)
-  final = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+  final = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
   assert final.returncode == 0, final.stderr[-3000:]
   return workdir, arg, killed
 
