@@ -56,6 +56,6 @@ test: $(STAMP) $(GPU_PLUGIN_STAMP)
 	$(PYTEST) -m "not slow" --durations=10
 
 # The whole suite, slow checks included, compiled at the optimisation level users run (see
-# tests/conftest.py: `make test` skips LLVM's optimisation of XLA:CPU's generated loops).
+# tests/conftest.py: `make test` skips LLVM's optimisation of XLA:CPU's machine code).
 test-all: $(STAMP) $(GPU_PLUGIN_STAMP)
 	VLPJAX_TEST_FULL_OPT=1 $(PYTEST)
