@@ -28,18 +28,10 @@ jax.config.update("jax_threefry_partitionable", True)
 # that halves those files' time. It lives only as long as the run, so no test ever reads what
 # another checkout or another JAX compiled; a cached executable is the same program (the key
 # is the HLO, the compile options and the XLA flags), so what the tests assert is unchanged.
-_COMPILE_CACHE = "VLPJAX_TEST_COMPILE_CACHE"
-
-
 # The command lines the tests start (`python -m vlpjax.train ...`) read the same settings from
-# their environment, so a resumed run loads the program its killed run compiled.
-_CACHE_SETTINGS = {
-    "jax_compilation_cache_dir": None,  # the run's directory
-    "jax_persistent_cache_min_compile_time_secs": 0.2,
-    # A size bound turns on JAX's file lock around reads and writes: two workers (or two
-    # processes of one multi-host run) may write and read one entry at once.
-    "jax_compilation_cache_max_size": 4 << 30,
-}
+# their environment, so a resumed run loads the program its killed run compiled. The run's own
+# variable (not JAX_COMPILATION_CACHE_DIR, which a user may have set) tells workers the directory.
+_COMPILE_CACHE = "VLPJAX_TEST_COMPILE_CACHE"
 
 
 def pytest_configure(config):
@@ -48,8 +40,14 @@ def pytest_configure(config):
     cache = tempfile.mkdtemp(prefix="vlpjax-test-compile-cache-")  # and workers inherit it.
     os.environ[_COMPILE_CACHE] = cache
     config.vlpjax_compile_cache_owned = cache
-  for name, value in _CACHE_SETTINGS.items():
-    value = cache if value is None else value
+  settings = {
+      "jax_compilation_cache_dir": cache,
+      "jax_persistent_cache_min_compile_time_secs": 0.2,
+      # A size bound turns on JAX's file lock around reads and writes: two workers (or two
+      # processes of one multi-host run) may write and read one entry at once.
+      "jax_compilation_cache_max_size": 4 << 30,
+  }
+  for name, value in settings.items():
     jax.config.update(name, value)
     os.environ[name.upper()] = str(value)
 
