@@ -268,3 +268,19 @@ def test_xla_options_reach_the_compile(capsys):
                            "--xla", "xla_gpu_no_such_option=1"]) == 2
   err = capsys.readouterr().err
   assert "no such option" in err and "xla_gpu_no_such_option" in err
+
+
+def test_the_gpu_scripts_xla_flags_are_options_xla_knows():
+  """tools/gpu_benchmarks.sh runs some steps under extra XLA_FLAGS; a misspelt one would fail
+  that run on a lent card. Each is given to a matmul's compile for the H100 here, where XLA
+  refuses any name it lacks (test_xla_options_reach_the_compile)."""
+  text = open(os.path.join(REPO, "tools", "gpu_benchmarks.sh"), encoding="utf-8").read()
+  flags = re.findall(r'^XLA_FLAGS="\$\{XLA_FLAGS:-\} (--xla_\S+)"', text, re.MULTILINE)
+  assert len(flags) >= 2, flags
+  options = gpu_compile.parse_xla_options(flags)
+  device = gpu_compile.compile_only_gpu(H100)
+  shape = jax.ShapeDtypeStruct((256, 256), jnp.bfloat16,
+                               sharding=jax.sharding.SingleDeviceSharding(device))
+  lowered = jax.jit(lambda x, w: x @ w).lower(shape, shape)
+  for name, value in options.items():
+    lowered.compile(compiler_options={name: value})

@@ -7,7 +7,7 @@
 # Why one script: such a machine is often lent for minutes, and each start costs some of them.
 # Everything is run in one go and comes back as a few files: the device line (nvidia-smi), and
 # per run the benchmark's JSON (with `profile`: the step's op time by kind of work, read from a
-# jax.profiler trace by tools/profile_summary.py) and its log. About 6 minutes on an H100.
+# jax.profiler trace by tools/profile_summary.py) and its log. About 7.5 minutes on an H100.
 #
 # Packages: the train benchmark needs JAX (with its CUDA plugin), Flax, optax, Orbax and
 # ml_collections; not TensorFlow or seqio. Where one is missing and there is no package index,
@@ -48,15 +48,24 @@ run() {
   return $rc
 }
 status=0
+# In order of what the figures decide, so a run cut short still brings back the first ones: the
+# target's step, the larger batch, the two XLA options the deviceless estimate favours, CoCa.
 run siglip_b16_b256 experiments/siglip_b16.py:batch=256,rules=data_parallel \
+  --config.remat_policy=none || status=1
+run siglip_b16_b512 experiments/siglip_b16.py:batch=512,rules=data_parallel \
+  --config.remat_policy=none || status=1
+# Every matmul on cuBLAS(Lt) instead of Triton fusions the autotuner may hand to cuBLAS: only
+# then does XLA fuse fc1's GELU (GELU_AUX) and the residual adds (beta = 1) into the matmuls;
+# 4.7 ms less in the deviceless estimate, but the 2026-11-24 card ran an older step 2.5-5 ms
+# slower this way (docs/benchmarks.md). Measured here to decide whether the trainer should set it.
+XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_triton_gemm=false" \
+run siglip_b16_b256_cublas experiments/siglip_b16.py:batch=256,rules=data_parallel \
   --config.remat_policy=none || status=1
 # The same step with XLA's dot merger off: it joins the text tower's q/k/v matmuls (which share
 # their input) into one and then copies q, k and v out for cuDNN; 1.1 ms less in the deviceless
-# estimate (docs/benchmarks.md). Measured here to decide whether the trainer should set it.
+# estimate (docs/benchmarks.md).
 XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_dot_merger_threshold_mb=0" \
 run siglip_b16_b256_no_dot_merger experiments/siglip_b16.py:batch=256,rules=data_parallel \
-  --config.remat_policy=none || status=1
-run siglip_b16_b512 experiments/siglip_b16.py:batch=512,rules=data_parallel \
   --config.remat_policy=none || status=1
 run coca_b16_b128 experiments/coca_b16.py:batch=128,rules=data_parallel \
   --config.remat_policy=none || status=1
