@@ -20,6 +20,7 @@ from tools import gpu_compile
 from tools import kernel_estimate
 from vlpjax import train
 from vlpjax.models import attention
+from vlpjax.models import short_attention
 
 H100 = gpu_compile.GPUS["h100"]
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -284,3 +285,26 @@ def test_the_gpu_scripts_xla_flags_are_options_xla_knows():
   lowered = jax.jit(lambda x, w: x @ w).lower(shape, shape)
   for name, value in options.items():
     lowered.compile(compiler_options={name: value})
+
+
+def test_pallas_attention_compiles_for_the_h100_and_counts_as_attention(tmp_path):
+  """attention_impl=pallas: every attention of a one-block SigLIP B/16 step (image, text, MAP
+  head) becomes vlpjax's three Triton kernels, none cuDNN's, and the estimate files them under
+  attention with their matmul FLOPs."""
+  config = train.load_config("experiments/siglip_b16.py:batch=64,rules=data_parallel",
+                             ["remat_policy=none", "model.image.depth=1", "model.text.depth=1",
+                              "attention_impl=pallas"])
+  hlo = tmp_path / "step.hlo.txt"
+  report = gpu_compile.compile_train_step(config, H100, spec="siglip_b16", hlo_path=str(hlo))
+  text = hlo.read_text()
+  assert "__cudnn$fmha" not in text
+  names = re.findall(r'\bname = "(short_attention_\w+)"', text)
+  assert sorted(set(names)) == sorted(short_attention.KERNEL_MATMULS)
+  assert len(names) == 3 * 3  # fwd, dkdv, dq for the image block, the text block, the MAP head
+  attention_kernels = [k for k in kernel_estimate.kernels(text, H100) if k.kind == "attention"]
+  assert len(attention_kernels) == 9
+  # The image block's forward: 2 matmuls of [196, 196, 64] per example and head.
+  (image_fwd,) = [k for k in attention_kernels
+                  if "img/encoder" in k.op_name and "short_attention_fwd" in k.op_name]
+  assert image_fwd.flops == 2 * (2 * 64 * 12 * 196 * 196 * 64)
+  assert report.estimate["by_kind"]["attention"]["kernels"] == 9

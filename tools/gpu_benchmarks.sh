@@ -7,7 +7,7 @@
 # Why one script: such a machine is often lent for minutes, and each start costs some of them.
 # Everything is run in one go and comes back as a few files: the device line (nvidia-smi), and
 # per run the benchmark's JSON (with `profile`: the step's op time by kind of work, read from a
-# jax.profiler trace by tools/profile_summary.py) and its log. About 7.5 minutes on an H100.
+# jax.profiler trace by tools/profile_summary.py) and its log. About 9 minutes on an H100.
 #
 # Packages: the train benchmark needs JAX (with its CUDA plugin), Flax, optax, Orbax and
 # ml_collections; not TensorFlow or seqio. Where one is missing and there is no package index,
@@ -49,11 +49,16 @@ run() {
 }
 status=0
 # In order of what the figures decide, so a run cut short still brings back the first ones: the
-# target's step, the larger batch, the two XLA options the deviceless estimate favours, CoCa.
+# target's step, the larger batch, Pallas attention, the two XLA options the deviceless
+# estimate favours, CoCa.
 run siglip_b16_b256 experiments/siglip_b16.py:batch=256,rules=data_parallel \
   --config.remat_policy=none || status=1
 run siglip_b16_b512 experiments/siglip_b16.py:batch=512,rules=data_parallel \
   --config.remat_policy=none || status=1
+# vlpjax's Pallas attention for keys that fit one tile (vlpjax/models/short_attention.py)
+# instead of cuDNN's: never timed on a card; "auto" takes it only if this run is faster.
+run siglip_b16_b256_pallas_attention experiments/siglip_b16.py:batch=256,rules=data_parallel \
+  --config.remat_policy=none --config.attention_impl=pallas || status=1
 # Every matmul on cuBLAS(Lt) instead of Triton fusions the autotuner may hand to cuBLAS: only
 # then does XLA fuse fc1's GELU (GELU_AUX) and the residual adds (beta = 1) into the matmuls;
 # 4.7 ms less in the deviceless estimate, but the 2026-11-24 card ran an older step 2.5-5 ms

@@ -15,11 +15,13 @@ import re
 from typing import Any, Dict, List
 
 from tools import profile_summary
+from vlpjax.models import short_attention
 
 # Fractions of the spec-sheet rates that kernels reached on the H100 lent on 2026-11-24
 # (docs/benchmarks.md): cuBLAS matmuls ~700 of 989 TFLOP/s, element-wise kernels ~3.0 of 3.35
 # TB/s, cuDNN's fused attention ~100 TFLOP/s on 196- and 64-token sequences (fwd + bwd,
-# helpers included; longer sequences do better). LAUNCH_SECONDS: a kernel's fixed cost.
+# helpers included; longer sequences do better). vlpjax's Pallas attention kernels are charged
+# the same rate per FLOP: no card has timed them yet. LAUNCH_SECONDS: a kernel's fixed cost.
 EFFICIENCY = {"matmul": 0.71, "memory": 0.9, "attention": 0.10}
 LAUNCH_SECONDS = 2e-6
 
@@ -61,7 +63,8 @@ def dot_flops(dot: profile_summary.HloInstruction, instructions) -> float:
 
 
 def attention_flops(call: profile_summary.HloInstruction, instructions) -> float:
-  """A cuDNN fused-attention call's matmul FLOPs: 4 B H Lq Lk D forward, 2.5x that backward."""
+  """A fused-attention call's matmul FLOPs, 2 B H Lq Lk D per [Lq, Lk, D] matmul: cuDNN's
+  forward runs two, its backward five; vlpjax's Pallas kernels as `short_attention` counts."""
   q = instructions.get(call.operands[0]) if call.operands else None
   k = instructions.get(call.operands[1]) if len(call.operands) > 1 else None
   if q is None or k is None:
@@ -69,8 +72,9 @@ def attention_flops(call: profile_summary.HloInstruction, instructions) -> float
   # [B, L, heads, head_dim] (cuDNN's BTNH layout, the one attention.py passes).
   batch, q_len, heads, head_dim = (int(d) for d in _ARRAY.findall(q.shape)[0][1].split(","))
   k_len = int(_ARRAY.findall(k.shape)[0][1].split(",")[1])
-  forward = 4.0 * batch * heads * q_len * k_len * head_dim
-  return forward * (2.5 if "backward" in (call.target or "").lower() else 1.0)
+  matmuls = short_attention.KERNEL_MATMULS.get(call.kernel) or (
+      5 if "backward" in (call.target or "").lower() else 2)
+  return 2.0 * batch * heads * q_len * k_len * head_dim * matmuls
 
 
 @dataclasses.dataclass

@@ -53,6 +53,8 @@ _COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s")
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$")
 _CALLS = re.compile(r"\bcalls=\{?%?([\w.\-]+)")
 _TARGET = re.compile(r'custom_call_target="([^"]+)"')
+# A Triton custom call's kernel name (a Pallas call's `name`), in its backend config.
+_TRITON_KERNEL = re.compile(r'\bname = "([\w.\-]+)"')
 _LAYOUT = re.compile(r"\{[^{}]*\}")  # "f32[2,3]{1,0}" -> "f32[2,3]"
 _COMMENT = re.compile(r"/\*.*?\*/")  # "/*index=5*/" in long tuples
 _OPERAND = re.compile(r"%([\w.\-]+)")
@@ -72,6 +74,7 @@ class HloInstruction:
   operands: Tuple[str, ...] = ()
   op_name: str = ""                 # the JAX op it came from (metadata), "" if none
   lhs_contracting: Tuple[int, ...] = ()  # a dot's
+  kernel: str = ""                  # a Triton custom call's kernel name, "" otherwise
 
 
 def _axes(match: Optional[re.Match]) -> Tuple[int, ...]:
@@ -123,11 +126,12 @@ def parse_hlo(text: str) -> Tuple[Dict[str, HloInstruction], Dict[str, List[str]
         opcode = tail.partition("(")[0].strip()
         calls, target = _CALLS.search(tail), _TARGET.search(tail)
         op_name, contracting = _OP_NAME.search(tail), _LHS_CONTRACTING.search(tail)
+        kernel = _TRITON_KERNEL.search(tail) if target and "triton" in target.group(1) else None
         instructions[match.group(1)] = HloInstruction(
             match.group(1), opcode, _short_shape(shape),
             calls.group(1) if calls else None, target.group(1) if target else None,
             _operand_names(_COMMENT.sub("", tail)), op_name.group(1) if op_name else "",
-            _axes(contracting))
+            _axes(contracting), kernel.group(1) if kernel else "")
         current.append(match.group(1))
     elif line.rstrip().endswith("{") and _COMPUTATION.match(line):
       current = computations.setdefault(_COMPUTATION.match(line).group(1), [])
@@ -172,7 +176,8 @@ def classify(instruction: HloInstruction, instructions, computations) -> str:
   if opcode.startswith(_COLLECTIVES):
     return "collective"
   if opcode == "custom-call":
-    return _target_kind(instruction.target or "")
+    # A Triton kernel's name says what it computes (vlpjax's Pallas attention: short_attention_*).
+    return _target_kind(instruction.kernel or instruction.target or "")
   if opcode == "dot":
     return "matmul"
   if opcode == "convolution":

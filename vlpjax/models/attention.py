@@ -7,6 +7,9 @@
 - "cudnn": `jax.nn.dot_product_attention(implementation="cudnn")`, cuDNN's fused (flash)
   attention: GPU only, bf16/fp16 only; never materialises the [L, L] logits in HBM. Attention
   whose shapes cuDNN refuses (`cudnn_takes`: the MAP head's single probe query) runs "xla".
+- "pallas": `short_attention`, a Pallas (Triton) kernel for sequences whose keys fit one tile
+  (at most 256, no mask): GPU only, bf16/fp16 only; attention it does not take runs "cudnn"
+  (or "xla", as above). Not yet timed on a GPU against cuDNN, so "auto" does not pick it.
 - "auto" (the default): "cudnn" on GPU when the compute dtype allows it, "einsum" elsewhere.
   TPUs get "einsum" too: XLA:TPU fuses the softmax into the matmuls itself.
 
@@ -24,12 +27,16 @@ from typing import Any, Dict, Iterator, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import linen as nn
 
+from vlpjax.models import short_attention
 from vlpjax.registry import unknown_name_message
 
 Array = jax.Array
 
-IMPLEMENTATIONS = ("auto", "einsum", "xla", "cudnn")
+IMPLEMENTATIONS = ("auto", "einsum", "xla", "cudnn", "pallas")
+# Logical names of [B, L, heads, kv] activations, the layout of the fused implementations.
+ACT_HEADS = ("act_batch", "act_length", "act_heads", "act_kv")
 _CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
 # Large but finite: a row whose keys are all masked (padding) gets uniform weights instead of
 # NaN; exp(mask - max) underflows to exactly 0 whenever some key is visible.
@@ -73,12 +80,13 @@ def resolve(impl: str, dtype: Any, backend: Optional[str] = None) -> str:
   cudnn_dtype = jnp.dtype(dtype) in [jnp.dtype(d) for d in _CUDNN_DTYPES]
   if impl == "auto":
     return "cudnn" if backend == "gpu" and cudnn_dtype else "einsum"
-  if impl == "cudnn":
+  # Pallas' interpreter runs the "pallas" kernels anywhere, in any dtype (tests on CPU).
+  if impl == "cudnn" or (impl == "pallas" and not short_attention.interpreting()):
     if backend != "gpu":
-      raise ValueError(f"attention_impl='cudnn' needs a GPU, but JAX's backend is {backend!r}; "
+      raise ValueError(f"attention_impl={impl!r} needs a GPU, but JAX's backend is {backend!r}; "
                        "use 'auto' (picks cuDNN on GPUs) or 'einsum'.")
     if not cudnn_dtype:
-      raise ValueError(f"attention_impl='cudnn' needs compute_dtype bfloat16 or float16, not "
+      raise ValueError(f"attention_impl={impl!r} needs compute_dtype bfloat16 or float16, not "
                        f"{jnp.dtype(dtype).name}; use 'auto' or 'einsum' for {jnp.dtype(dtype).name}.")
   return impl
 
@@ -127,6 +135,9 @@ def attend(q: Array, k: Array, v: Array, mask: Optional[Array], *, impl: str, dt
     raise ValueError(f"attention_impl={impl!r} takes [B, L, heads, kv] inputs, not heads-first.")
   head_axis = 1 if heads_first else 2
   groups = q.shape[head_axis] // k.shape[head_axis]
+  if impl == "pallas" and not short_attention.takes(q.shape[1], k.shape[1], q.shape[-1],
+                                                     q.shape[2], k.shape[2], mask is not None):
+    impl = "cudnn" if not short_attention.interpreting() else "xla"
   if impl == "cudnn" and not cudnn_takes(q.shape[1], k.shape[1], q.shape[-1]):
     impl = "xla"  # Same layout and numerics, without the fused kernel.
   if impl == "einsum":
@@ -138,9 +149,29 @@ def attend(q: Array, k: Array, v: Array, mask: Optional[Array], *, impl: str, dt
     mask = jnp.broadcast_to(mask, mask.shape[:-2] + (q.shape[1], k.shape[1]))
   # The fused paths take grouped k/v as they are, and scale the logits themselves.
   scale = 1.0 if logits_scale is None else logits_scale
+  if impl == "pallas":
+    return _per_shard(functools.partial(short_attention.attention, logits_scale=scale))(
+        q.astype(dtype), k.astype(dtype), v.astype(dtype))
   out = jax.nn.dot_product_attention(q.astype(dtype), k.astype(dtype), v.astype(dtype),
                                      mask=mask, scale=scale, implementation=impl)
   return out.astype(dtype)
+
+
+def _per_shard(kernel):
+  """`kernel` (q, k, v -> out, all [B, L, heads, kv]) run on each device's batch and heads.
+
+  A Pallas call has no rule for XLA's SPMD partitioner, which would gather its operands whole
+  onto every device; under a mesh it runs in `shard_map` instead, split as the logical rules
+  split the batch and the heads, with the sequence and head dims whole (gathered first if a
+  rule shards them). Without a mesh: `kernel` itself.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return kernel
+  batch, _, heads, _ = nn.logical_to_mesh_axes(ACT_HEADS)
+  spec = jax.sharding.PartitionSpec(batch, None, heads, None)
+  # check_vma off: a Pallas call's outputs carry no record of which mesh axes they vary over.
+  return jax.shard_map(kernel, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)
 
 
 def _einsum_attention(q, k, v, mask, dtype, heads_first: bool, logits_scale) -> Array:
