@@ -73,9 +73,11 @@ def _tile(n: int, cap: int) -> int:
   return max(16, min(cap, pl.next_power_of_2(n)))
 
 
-def _query_block(q_len: int, kv_tile: int) -> int:
-  """Queries per program when a program holds every key: [block, kv_tile] <= TILE_ELEMENTS."""
-  return _tile(q_len, min(BLOCK_Q, TILE_ELEMENTS // kv_tile))
+def _all_keys_tiles(q_len: int, kv_len: int) -> Tuple[int, int]:
+  """(queries per program, key tile) for programs that hold every key (forward, dQ): the
+  [queries, keys] tiles stay within TILE_ELEMENTS."""
+  kv_tile = _tile(kv_len, MAX_KV_LEN)
+  return _tile(q_len, min(BLOCK_Q, TILE_ELEMENTS // kv_tile)), kv_tile
 
 
 def _call(kernel, name: str, grid, in_specs, out_specs, out_shape):
@@ -113,8 +115,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, *, q_len, kv_len, scale
 def _forward(q, k, v, scale) -> Tuple[Array, Array]:
   batch, q_len, heads, head_dim = q.shape
   kv_len = k.shape[1]
-  kv_tile = _tile(kv_len, MAX_KV_LEN)
-  block_q = _query_block(q_len, kv_tile)
+  block_q, kv_tile = _all_keys_tiles(q_len, kv_len)
   q_block = pl.BlockSpec((None, block_q, None, head_dim), lambda b, i, h: (b, i, h, 0))
   kv_all = pl.BlockSpec((None, kv_tile, None, head_dim), lambda b, i, h: (b, 0, h, 0))
   kernel = functools.partial(_forward_kernel, q_len=q_len, kv_len=kv_len, scale=scale)
@@ -192,8 +193,7 @@ def _backward(scale, residuals, d_out):
   # delta = rowsum(dO * O): the softmax gradient's per-query term, one pass in XLA.
   delta = jnp.einsum("bqhd,bqhd->bhq", d_out.astype(jnp.float32), out.astype(jnp.float32))
   d_out = d_out.astype(q.dtype)
-  kv_tile = _tile(kv_len, MAX_KV_LEN)
-  block_q = _query_block(q_len, kv_tile)
+  block_q, kv_tile = _all_keys_tiles(q_len, kv_len)
   q_tile, block_kv = pl.next_power_of_2(max(q_len, 16)), _tile(kv_len, BLOCK_KV)
   args = (q, k, v, d_out, lse, delta)
   every_query = pl.BlockSpec((None, q_tile, None, head_dim), lambda b, j, h: (b, 0, h, 0))
