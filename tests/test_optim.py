@@ -74,3 +74,46 @@ def test_freeze_regex_errors():
   c.optim.freeze = "img/(("
   with pytest.raises(ValueError, match="not a valid regex"):
     optim.make_optimizer(c, _params())
+
+
+def _mixed_tree(seed):
+  """Leaves of every kind `global_norm` treats apart: a scalar, small vectors and matrices
+  (concatenated), large ones (summed by rows), bf16, nested."""
+  rng = np.random.default_rng(seed)
+  return {
+      "scale": np.float32(rng.normal()),
+      "bias": rng.normal(size=(7,)).astype(np.float32),
+      "small": rng.normal(size=(3, 5)).astype(np.float32),
+      "big": {"kernel": rng.normal(size=(300, 260)).astype(np.float32) * 3,
+              "heads": rng.normal(size=(72, 4, 250)).astype(jnp.bfloat16)},
+  }
+
+
+def test_global_norm_is_optax_tree_norm():
+  import optax  # pylint: disable=g-import-not-at-top
+  tree = _mixed_tree(0)
+  want = float(optax.tree.norm(jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), tree)))
+  np.testing.assert_allclose(float(jax.jit(optim.global_norm)(tree)), want, rtol=1e-6)
+  assert float(optim.global_norm({})) == 0.0
+
+
+def test_global_norm_sharded_equals_unsharded():
+  from vlpjax import sharding  # pylint: disable=g-import-not-at-top
+  tree = _mixed_tree(1)
+  mesh = sharding.make_mesh({"data": 2, "fsdp": 4, "tensor": 1})
+  spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("fsdp"))
+  placed = dict(tree, big={"kernel": jax.device_put(tree["big"]["kernel"], spec),
+                           "heads": jax.device_put(tree["big"]["heads"], spec)})
+  np.testing.assert_allclose(float(jax.jit(optim.global_norm)(placed)),
+                             float(optim.global_norm(tree)), rtol=1e-6)
+
+
+@pytest.mark.parametrize("max_norm", [1e9, 2.0])  # not clipped, clipped
+def test_clip_by_global_norm_is_optax_s(max_norm):
+  import optax  # pylint: disable=g-import-not-at-top
+  tree = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), _mixed_tree(2))
+  want, _ = optax.clip_by_global_norm(max_norm).update(tree, optax.EmptyState())
+  got, _ = jax.jit(optim.clip_by_global_norm(max_norm).update)(tree, optax.EmptyState())
+  jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-7), got, want)
+  if max_norm == 2.0:
+    np.testing.assert_allclose(float(optim.global_norm(got)), 2.0, rtol=1e-5)

@@ -23,6 +23,49 @@ def param_path(path) -> str:
   return "/".join(parts)
 
 
+# Leaves up to this size are squared and summed as one concatenated vector (`global_norm`).
+_SMALL_LEAF = 65536
+
+
+def global_norm(tree) -> jax.Array:
+  """The L2 norm of all of `tree`'s leaves together, in f32 (optax.tree.norm's value).
+
+  Why not optax's: it sums each leaf to a scalar, and XLA:GPU splits each of those sums in two
+  kernels, so a model's hundreds of leaves cost hundreds of tiny launches per norm (565 in a
+  SigLIP B/16 step, for the gradient's and the parameters' norms). Here each large leaf sums
+  its rows (one kernel, often fused into the optimizer's update of that leaf), the small leaves
+  (biases, norm scales) go in as one concatenated vector, and one reduction sums it all. The
+  optimization barrier stops XLA from rewriting the sum of the concatenation back into a sum
+  of per-leaf sums. A deviceless H100 compile of that step: 2515 -> 1988 kernels, 93.8 -> 92.6
+  ms estimated (docs/benchmarks.md).
+  """
+  leaves = [jnp.asarray(x, jnp.float32) for x in jax.tree_util.tree_leaves(tree)]
+  if not leaves:
+    return jnp.zeros((), jnp.float32)
+  small = [x.ravel() for x in leaves if x.size <= _SMALL_LEAF]
+  parts = [jnp.sum(jnp.square(x).reshape(-1, x.shape[-1]), axis=1)
+           for x in leaves if x.size > _SMALL_LEAF]
+  if small:
+    parts.append(jnp.square(jnp.concatenate(small)))
+  return jnp.sqrt(jnp.sum(jax.lax.optimization_barrier(jnp.concatenate(parts))))
+
+
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+  """optax.clip_by_global_norm (same rule: updates scaled by max_norm / norm when the norm
+  exceeds max_norm) with the norm from `global_norm`, the one the step's metrics report, so
+  XLA computes it once."""
+
+  def update_fn(updates, state, params=None):
+    del params
+    norm = global_norm(updates)
+    keep = norm < max_norm
+    updates = jax.tree.map(
+        lambda t: jax.lax.select(keep, t, (t / norm.astype(t.dtype)) * max_norm), updates)
+    return updates, state
+
+  return optax.GradientTransformation(optax.init_empty_state, update_fn)
+
+
 def path_labels(params, fn):
   return jax.tree_util.tree_map_with_path(lambda p, _: fn(param_path(p)), params)
 
@@ -81,7 +124,7 @@ def make_optimizer(config, params_abstract):
     decays = lambda p: jax.tree_util.tree_map(lambda x: x.ndim >= 2, p)
   trainable = [optax.scale_by_adam(b1=oc.b1, b2=oc.b2, eps=oc.eps)]
   if oc.grad_clip_norm:
-    trainable.insert(0, optax.clip_by_global_norm(oc.grad_clip_norm))
+    trainable.insert(0, clip_by_global_norm(oc.grad_clip_norm))
   trainable.append(optax.add_decayed_weights(oc.weight_decay, mask=decays))
   trainable.append(optax.scale_by_learning_rate(schedule))
   tx = optax.chain(*trainable)

@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from vlpjax import optim
+
 
 def _split_micro(batch, accum: int):
   """[B, ...] -> [accum, B/accum, ...], micro-batch i = examples i, i+accum, i+2*accum, ...
@@ -80,8 +82,8 @@ def make_train_step(family, tx: optax.GradientTransformation, schedule, accum: i
     (loss, metrics), grads = loss_and_grads(family, params, batch, rng, accum)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
-    metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads),
-                   param_norm=optax.global_norm(params), lr=schedule(step))
+    metrics = dict(metrics, loss=loss, grad_norm=optim.global_norm(grads),
+                   param_norm=optim.global_norm(params), lr=schedule(step))
     return dict(step=step + 1, params=params, opt_state=opt_state), metrics
 
   return train_step
