@@ -308,3 +308,21 @@ def test_pallas_attention_compiles_for_the_h100_and_counts_as_attention(tmp_path
                   if "img/encoder" in k.op_name and "short_attention_fwd" in k.op_name]
   assert image_fwd.flops == 2 * (2 * 64 * 12 * 196 * 196 * 64)
   assert report.estimate["by_kind"]["attention"]["kernels"] == 9
+
+
+def test_pallas_layer_norm_backward_compiles_for_the_h100(tmp_path):
+  """norm_impl=pallas: the backward of each encoder LayerNorm of a one-block SigLIP B/16 step
+  (two per block, one final per tower) is vlpjax's Triton kernel, a reduction to the estimate
+  that moves what it reads and writes: x, the output's and the residual's gradients, dx."""
+  config = train.load_config("experiments/siglip_b16.py:batch=64,rules=data_parallel",
+                             ["remat_policy=none", "model.image.depth=1", "model.text.depth=1",
+                              "norm_impl=pallas"])
+  hlo = tmp_path / "step.hlo.txt"
+  gpu_compile.compile_train_step(config, H100, spec="siglip_b16", hlo_path=str(hlo))
+  text = hlo.read_text()
+  assert len(re.findall(r'\bname = "layer_norm_bwd"', text)) == 2 * 2 + 2
+  kernels = [k for k in kernel_estimate.kernels(text, H100) if "layer_norm_bwd" in k.op_name]
+  assert {k.kind for k in kernels} == {"reduction"}
+  (image_ln1,) = [k for k in kernels if "img/encoder/layers_0/layer_norm1" in k.op_name]
+  rows, width = 64 * 196, 768
+  assert image_ln1.bytes >= 4 * rows * width * 2  # 4 bf16 [rows, width] arrays at least

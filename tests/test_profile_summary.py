@@ -76,6 +76,7 @@ ENTRY %main (x: bf16[256,768]) -> bf16[256,768] {
   %fmha = (bf16[12,256,64]{2,1,0}, u8[0]{0}) custom-call(bf16[12,256,64]{2,1,0} %q, bf16[12,256,64]{2,1,0} %k, bf16[12,256,64]{2,1,0} %v), custom_call_target="__cudnn$fmhaSoftmax"
   %pallas_call.3 = bf16[256,196,12,64]{3,2,1,0} custom-call(bf16[256,196,12,64]{3,2,1,0} %q, bf16[256,196,12,64]{3,2,1,0} %k), custom_call_target="__gpu$xla.gpu.triton", backend_config={debug = false, grid_x = 256 : i32, ir = "ML\EFR\0D\01", name = "short_attention_dq", num_stages = 3 : i32, num_warps = 4 : i32}
   %pallas_call.4 = bf16[256,768]{1,0} custom-call(bf16[256,768]{1,0} %x), custom_call_target="__gpu$xla.gpu.triton", backend_config={debug = false, ir = "ML\EF", name = "some_kernel", num_warps = 4 : i32}
+  %pallas_call.5 = (bf16[256,768]{1,0}, f32[4,768]{1,0}, f32[4,768]{1,0}) custom-call(bf16[256,768]{1,0} %x), custom_call_target="__gpu$xla.gpu.triton", backend_config={debug = false, ir = "ML\EF", name = "layer_norm_bwd", num_warps = 8 : i32}
   %conv = (bf16[256,768,14,14]{3,2,1,0}, u8[0]{0}) custom-call(bf16[256,3,224,224]{3,2,1,0} %img, bf16[768,3,16,16]{3,2,1,0} %kern), custom_call_target="__cudnn$convForward"
   %input_reduce_fusion = f32[3072]{0} fusion(bf16[256,3072]{1,0} %gemm_fusion_dot.1, bf16[256,3072]{1,0} %gemm_fusion_dot.1), kind=kInput, calls=%fused_reduce
   %loop_tanh_fusion = bf16[256,3072]{1,0} fusion(bf16[256,3072]{1,0} %gemm_fusion_dot.1), kind=kLoop, calls=%fused_gelu
@@ -93,8 +94,9 @@ GPU_KINDS = {
     "loop_tanh_fusion": "element-wise", "loop_transpose_fusion": "layout",
     "all-reduce-start": "collective", "while.1": "control", "async-start.1": "control",
     "copy.1": "layout",
-    # Triton kernels written with Pallas, by their names: vlpjax's attention, and one unknown.
-    "pallas_call.3": "attention", "pallas_call.4": "other",
+    # Triton kernels written with Pallas, by their names: vlpjax's attention and LayerNorm
+    # backward, and one unknown.
+    "pallas_call.3": "attention", "pallas_call.5": "reduction", "pallas_call.4": "other",
 }
 
 

@@ -7,7 +7,7 @@
 # Why one script: such a machine is often lent for minutes, and each start costs some of them.
 # Everything is run in one go and comes back as a few files: the device line (nvidia-smi), and
 # per run the benchmark's JSON (with `profile`: the step's op time by kind of work, read from a
-# jax.profiler trace by tools/profile_summary.py) and its log. About 9 minutes on an H100.
+# jax.profiler trace by tools/profile_summary.py) and its log. About 10 minutes on an H100.
 #
 # Packages: the train benchmark needs JAX (with its CUDA plugin), Flax, optax, Orbax and
 # ml_collections; not TensorFlow or seqio. Where one is missing and there is no package index,
@@ -49,8 +49,8 @@ run() {
 }
 status=0
 # In order of what the figures decide, so a run cut short still brings back the first ones: the
-# target's step, the larger batch, Pallas attention, the two XLA options the deviceless
-# estimate favours, CoCa.
+# target's step, the larger batch, Pallas attention, cuBLAS, the Pallas LayerNorm backward, the
+# dot merger, CoCa (measured on 2026-11-24; the one a 10-minute call may cut).
 run siglip_b16_b256 experiments/siglip_b16.py:batch=256,rules=data_parallel \
   --config.remat_policy=none || status=1
 run siglip_b16_b512 experiments/siglip_b16.py:batch=512,rules=data_parallel \
@@ -66,6 +66,10 @@ run siglip_b16_b256_pallas_attention experiments/siglip_b16.py:batch=256,rules=d
 XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_triton_gemm=false" \
 run siglip_b16_b256_cublas experiments/siglip_b16.py:batch=256,rules=data_parallel \
   --config.remat_policy=none || status=1
+# vlpjax's Pallas LayerNorm backward (vlpjax/models/layer_norm.py): one kernel per LayerNorm
+# where XLA makes three passes; ~1 ms less in the deviceless estimate, never timed on a card.
+run siglip_b16_b256_pallas_norm experiments/siglip_b16.py:batch=256,rules=data_parallel \
+  --config.remat_policy=none --config.norm_impl=pallas || status=1
 # The same step with XLA's dot merger off: it joins the text tower's q/k/v matmuls (which share
 # their input) into one and then copies q, k and v out for cuDNN; 1.1 ms less in the deviceless
 # estimate (docs/benchmarks.md).

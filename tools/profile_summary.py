@@ -148,6 +148,8 @@ def _target_kind(target: str) -> str:
     return "convolution"
   if any(word in target for word in ("gemm", "matmul", "dot", "cublas")):
     return "matmul"
+  if "norm" in target:  # vlpjax's Pallas LayerNorm backward (layer_norm_bwd): row reductions
+    return "reduction"
   return "other"
 
 
@@ -176,7 +178,8 @@ def classify(instruction: HloInstruction, instructions, computations) -> str:
   if opcode.startswith(_COLLECTIVES):
     return "collective"
   if opcode == "custom-call":
-    # A Triton kernel's name says what it computes (vlpjax's Pallas attention: short_attention_*).
+    # A Triton kernel's name says what it computes (vlpjax's Pallas kernels: short_attention_*,
+    # layer_norm_bwd).
     return _target_kind(instruction.kernel or instruction.target or "")
   if opcode == "dot":
     return "matmul"

@@ -39,6 +39,7 @@ def defaults() -> ConfigDict:
   c.compute_dtype = "bfloat16"   # activations/matmuls; params and optimizer state stay f32
   c.remat_policy = "none"        # none | full | dots_saveable | dots_with_no_batch_dims_saveable
   c.attention_impl = "auto"      # auto (cuDNN on GPU for bf16, else einsum) | einsum | xla | cudnn | pallas
+  c.norm_impl = "auto"           # LayerNorm backward: auto (= xla) | xla | pallas (one fused kernel, GPU)
 
   # Axis sizes within a slice (one may be -1); `slices` > 1: data parallel across
   # TPU slices (docs/scaling.md).

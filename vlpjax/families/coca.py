@@ -47,7 +47,8 @@ class CoCaFamily:
         {"image": module_fields(ViT), "text": list(coca_lib.TEXT_DEFAULTS)})
     self.model = coca_lib.CoCa(dtype=jnp.dtype(config.compute_dtype),
                                remat_policy=config.remat_policy,
-                               attention_impl=config.attention_impl, **model_kwargs)
+                               attention_impl=config.attention_impl,
+                               norm_impl=config.norm_impl, **model_kwargs)
     self.loss_fn = losses.LOSSES.get(config.loss)
     self.loss_weights = loss_weights(config)
 

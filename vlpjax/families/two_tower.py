@@ -38,7 +38,8 @@ class TwoTowerFamily:
          "text": module_fields(models.get_model("text"))})
     self.model = model_cls(dtype=jnp.dtype(config.compute_dtype),
                            remat_policy=config.remat_policy,
-                           attention_impl=config.attention_impl, **model_kwargs)
+                           attention_impl=config.attention_impl,
+                           norm_impl=config.norm_impl, **model_kwargs)
     self.loss_fn = losses.LOSSES.get(config.loss)
 
   def input_specs(self, batch_size: int) -> Dict[str, jax.ShapeDtypeStruct]:

@@ -105,7 +105,8 @@ class VLMFamily:
     model_kwargs["image_token_id"] = _image_token_id(config, model_kwargs, vocabulary)
     self.model = self.model_class(dtype=jnp.dtype(config.compute_dtype),
                                   remat_policy=config.remat_policy,
-                                  attention_impl=config.attention_impl, **model_kwargs)
+                                  attention_impl=config.attention_impl,
+                                  norm_impl=config.norm_impl, **model_kwargs)
     self.tokens_per_image = self.model.num_image_tokens(config.input.image_size)
     check_packed_rows(config, self.tokens_per_image)
     vocab_size = self.model.llm_kwargs().get("vocab_size")

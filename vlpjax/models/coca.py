@@ -130,10 +130,12 @@ class CoCa(nn.Module):
   remat_policy: str = "none"
   scan_layers: bool = False
   attention_impl: str = "auto"
+  norm_impl: str = "auto"
 
   def _image_kwargs(self) -> Dict[str, Any]:
     kwargs = dict(dtype=self.dtype, param_dtype=self.param_dtype,
-                  remat_policy=self.remat_policy, attention_impl=self.attention_impl)
+                  remat_policy=self.remat_policy, attention_impl=self.attention_impl,
+                  norm_impl=self.norm_impl)
     kwargs.update(self.image or {})
     for key, wanted in (("pool_type", "none"), ("head_dim_out", None)):
       if kwargs.get(key, wanted) != wanted:

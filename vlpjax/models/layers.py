@@ -16,6 +16,7 @@ import numpy as np
 from flax import linen as nn
 
 from vlpjax.models import attention
+from vlpjax.models import layer_norm as layer_norm_lib
 from vlpjax.registry import unknown_name_message
 
 Dtype = Any
@@ -162,14 +163,17 @@ def constrain(x: Array, names) -> Array:
   return nn.with_logical_constraint(x, names)
 
 
-def layer_norm(name: str, param_dtype: Dtype) -> nn.LayerNorm:
+def layer_norm(name: str, param_dtype: Dtype, dtype: Dtype = jnp.float32,
+               impl: str = "auto") -> layer_norm_lib.LayerNorm:
+  """nn.LayerNorm's parameters and arithmetic, its result in `dtype`; `impl` picks the
+  backward pass (`vlpjax.models.layer_norm`)."""
   # Normalisation statistics in f32 even under bf16 compute: bf16 variance loses
   # too many digits on wide models.
-  return nn.LayerNorm(
-      epsilon=LAYER_NORM_EPS, dtype=jnp.float32, param_dtype=param_dtype,
+  return layer_norm_lib.LayerNorm(
+      epsilon=LAYER_NORM_EPS, dtype=dtype, param_dtype=param_dtype,
       scale_init=partitioned(nn.initializers.ones_init(), ("embed",)),
       bias_init=partitioned(nn.initializers.zeros_init(), ("embed",)),
-      name=name)
+      impl=impl, name=name)
 
 
 def _bias_gelu(h: Array, bias: Optional[Array] = None) -> Array:
@@ -342,21 +346,28 @@ class MultiHeadAttention(nn.Module):
 
 
 class EncoderBlock(nn.Module):
-  """Pre-LN transformer block: x + attn(ln1(x)), then x + mlp(ln2(x))."""
+  """Pre-LN transformer block: x + attn(ln1(x)), then x + mlp(ln2(x)).
+
+  The LayerNorms hand x back with their output (`residual=True`): with norm_impl="pallas" the
+  residual stream's gradient then joins the LayerNorm's in its backward kernel.
+  """
   mlp_dim: int
   num_heads: int
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   attention_impl: str = "auto"
+  norm_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: Array, mask: Optional[Array] = None) -> Array:
     x = constrain(x, ACT_TOKENS)
-    y = layer_norm("layer_norm1", self.param_dtype)(x).astype(self.dtype)
+    x, y = layer_norm("layer_norm1", self.param_dtype, self.dtype, self.norm_impl)(
+        x, residual=True)
     y = MultiHeadAttention(self.num_heads, self.dtype, self.param_dtype, self.attention_impl,
                            name="self_attn")(y, mask=mask)
     x = x + y
-    y = layer_norm("layer_norm2", self.param_dtype)(x).astype(self.dtype)
+    x, y = layer_norm("layer_norm2", self.param_dtype, self.dtype, self.norm_impl)(
+        x, residual=True)
     y = MlpBlock(self.mlp_dim, self.dtype, self.param_dtype, name="mlp")(y)
     return constrain(x + y, ACT_TOKENS)
 
@@ -404,6 +415,7 @@ class Encoder(nn.Module):
   remat_policy: str = "none"
   scan_layers: bool = False
   attention_impl: str = "auto"
+  norm_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: Array, mask: Optional[Array] = None) -> Array:
@@ -414,8 +426,8 @@ class Encoder(nn.Module):
     else:
       for i in range(self.depth):
         x = block_cls(self.mlp_dim, self.num_heads, self.dtype, self.param_dtype,
-                      self.attention_impl, name=f"layers_{i}")(x, mask)
-    return layer_norm("encoder_norm", self.param_dtype)(x).astype(self.dtype)
+                      self.attention_impl, self.norm_impl, name=f"layers_{i}")(x, mask)
+    return layer_norm("encoder_norm", self.param_dtype, self.dtype, self.norm_impl)(x)
 
   def _scanned_blocks(self, block_cls, x: Array, mask: Optional[Array]) -> Array:
     """The `depth` blocks as one `nn.scan` over a module named `scanned`."""
@@ -429,7 +441,7 @@ class Encoder(nn.Module):
         in_axes=nn.broadcast, length=self.depth,
         metadata_params={nn.PARTITION_NAME: "layers"})
     block = block_cls(self.mlp_dim, self.num_heads, self.dtype, self.param_dtype,
-                      self.attention_impl, name="scanned")
+                      self.attention_impl, self.norm_impl, name="scanned")
     x, _ = scan(block, x, mask)
     return x
 

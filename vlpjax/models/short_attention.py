@@ -10,22 +10,22 @@ logits never reach memory. The backward pass is the flash-attention one, in two 
 block of keys (dK, dV, looping over the queries) and per block of queries (dQ).
 
 Not measured on a GPU yet: `attention_impl="pallas"` picks it, and "auto" stays with cuDNN until
-tools/gpu_benchmarks.sh has timed both on a card. `interpret()` runs the kernels through Pallas'
-interpreter on any backend, for tests on CPU (like `attention.compile_target`, it acts when a
-function is traced: JAX's trace cache does not see it).
+tools/gpu_benchmarks.sh has timed both on a card. `interpret()` (`pallas_util`) runs the kernels
+through Pallas' interpreter on any backend, for tests on CPU.
 
 Shapes: q [B, Lq, heads, head_dim], k and v [B, Lk, heads, head_dim] (cuDNN's BTNH layout), no
 mask, as many key heads as query heads (`takes`); padding up to the tiles is masked in the
 kernels, never copied.
 """
-import contextlib
 import functools
-from typing import Iterator, Tuple
+from typing import Tuple
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
+
+from vlpjax.models import pallas_util
 
 Array = jax.Array
 
@@ -43,22 +43,9 @@ NUM_WARPS = 4
 # its kernels.
 KERNEL_MATMULS = {"short_attention_fwd": 2, "short_attention_dkdv": 4, "short_attention_dq": 3}
 
-_INTERPRET = {"on": False}
-
-
-@contextlib.contextmanager
-def interpret() -> Iterator[None]:
-  """Within: the kernels run in Pallas' interpreter (any backend; for tests on CPU)."""
-  saved = _INTERPRET["on"]
-  _INTERPRET["on"] = True
-  try:
-    yield
-  finally:
-    _INTERPRET["on"] = saved
-
-
-def interpreting() -> bool:
-  return _INTERPRET["on"]
+# The interpreter switch is shared with vlpjax's other kernels; kept here for callers.
+interpret = pallas_util.interpret
+interpreting = pallas_util.interpreting
 
 
 def takes(q_len: int, kv_len: int, head_dim: int, heads: int, kv_heads: int,

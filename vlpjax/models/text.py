@@ -50,6 +50,7 @@ class TextEncoder(nn.Module):
   head_bias: bool = True
   scan_layers: bool = False
   attention_impl: str = "auto"
+  norm_impl: str = "auto"
 
   @property
   def dims(self) -> Dict[str, int]:
@@ -85,7 +86,7 @@ class TextEncoder(nn.Module):
     tokens = layers.Encoder(
         dims["depth"], dims["mlp_dim"], dims["num_heads"], self.dtype,
         self.param_dtype, self.remat_policy, scan_layers=self.scan_layers,
-        attention_impl=self.attention_impl, name="encoder")(x, mask)
+        attention_impl=self.attention_impl, norm_impl=self.norm_impl, name="encoder")(x, mask)
 
     if self.pool_type == "last":
       pooled = tokens[:, -1]

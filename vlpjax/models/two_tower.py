@@ -25,8 +25,8 @@ class TwoTower(nn.Module):
   """Image tower `img` and text tower `txt` embedding into one space.
 
   `image` / `text` are ViT / TextEncoder kwargs. `dtype`, `param_dtype`, `remat_policy`,
-  `scan_layers` (run each tower's encoder blocks as one `nn.scan`) and `attention_impl`
-  (`vlpjax.models.attention`) reach both towers unless a tower's kwargs set them itself.
+  `scan_layers` (run each tower's encoder blocks as one `nn.scan`), `attention_impl`
+  (`vlpjax.models.attention`) and `norm_impl` (`vlpjax.models.layer_norm`) reach both towers unless a tower's kwargs set them itself.
   The text head outputs `embed_dim` (default: the image width); the image tower
   gets a linear projection only when its width differs from `embed_dim`
   (SigLIP has none).
@@ -41,11 +41,12 @@ class TwoTower(nn.Module):
   remat_policy: str = "none"
   scan_layers: bool = False
   attention_impl: str = "auto"
+  norm_impl: str = "auto"
 
   def _tower_kwargs(self, kwargs: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
     shared = dict(dtype=self.dtype, param_dtype=self.param_dtype,
                   remat_policy=self.remat_policy, scan_layers=self.scan_layers,
-                  attention_impl=self.attention_impl)
+                  attention_impl=self.attention_impl, norm_impl=self.norm_impl)
     return {**shared, **dict(kwargs or {})}
 
   def setup(self):

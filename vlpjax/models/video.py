@@ -74,6 +74,7 @@ class TemporalEncoder(nn.Module):
   remat_policy: str = "none"
   scan_layers: bool = False
   attention_impl: str = "auto"
+  norm_impl: str = "auto"
 
   @nn.compact
   def __call__(self, tokens: Array, times: Array, segment_ids: Array) -> Array:
@@ -90,7 +91,8 @@ class TemporalEncoder(nn.Module):
     mask = (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] != 0)
     x = layers.Encoder(self.depth, self.mlp_dim, self.num_heads, self.dtype, self.param_dtype,
                        self.remat_policy, scan_layers=self.scan_layers,
-                       attention_impl=self.attention_impl, name="encoder")(x, mask[:, None])
+                       attention_impl=self.attention_impl, norm_impl=self.norm_impl,
+                       name="encoder")(x, mask[:, None])
     return x.reshape(tokens.shape)
 
 
@@ -134,7 +136,7 @@ class VideoModel(vlm_lib.VLM):
 
   @nn.nowrap
   def image_kwargs(self) -> Dict[str, Any]:
-    kwargs = {**self._shared(), **dict(self.image or {})}
+    kwargs = {**self._shared(), "norm_impl": self.norm_impl, **dict(self.image or {})}
     kwargs.setdefault("pool_type", "gap")
     for key in ("patch_dropout", "head_dim_out"):
       if kwargs.get(key):
@@ -205,7 +207,8 @@ class VideoModel(vlm_lib.VLM):
     self.temporal_encoder = TemporalEncoder(
         temporal["depth"], temporal["mlp_dim"], temporal["num_heads"],
         temporal["time_positions"], self.dtype, self.param_dtype, self.remat_policy,
-        scan_layers=temporal["scan_layers"], attention_impl=self.attention_impl)
+        scan_layers=temporal["scan_layers"], attention_impl=self.attention_impl,
+        norm_impl=self.norm_impl)
     self.llm_module = vlm_lib.Decoder(**self.llm_kwargs(), name="llm")
     self.projector_module = vlm_lib.Projector(self.llm_module.width, self.projector, self.dtype,
                                               self.param_dtype, name="projector")

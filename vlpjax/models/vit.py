@@ -178,6 +178,7 @@ class ViT(nn.Module):
   proj_bias: bool = True
   scan_layers: bool = False
   attention_impl: str = "auto"
+  norm_impl: str = "auto"
 
   @property
   def dims(self) -> Dict[str, int]:
@@ -229,7 +230,7 @@ class ViT(nn.Module):
     tokens = layers.Encoder(
         dims["depth"], dims["mlp_dim"], dims["num_heads"], self.dtype,
         self.param_dtype, self.remat_policy, scan_layers=self.scan_layers,
-        attention_impl=self.attention_impl, name="encoder")(x)
+        attention_impl=self.attention_impl, norm_impl=self.norm_impl, name="encoder")(x)
     aux = {"tokens": tokens}
     if kept_indices is not None:
       aux["kept_indices"] = kept_indices

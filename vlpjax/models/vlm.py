@@ -92,7 +92,7 @@ class VLM(nn.Module):
   `image`: ViT kwargs (pooling is forced to "none": the LM reads every patch token).
   `llm`: `Decoder` kwargs. `dtype`, `param_dtype`, `remat_policy` and `attention_impl` reach
   both unless their kwargs set them; `scan_layers` reaches the LM only (scan the ViT's encoder blocks with
-  `image.scan_layers=True`).
+  `image.scan_layers=True`), `norm_impl` the ViT only (the LM's norms are RMSNorms).
   """
   image: Optional[Mapping[str, Any]] = None
   llm: Optional[Mapping[str, Any]] = None
@@ -103,6 +103,7 @@ class VLM(nn.Module):
   remat_policy: str = "none"
   scan_layers: bool = False
   attention_impl: str = "auto"
+  norm_impl: str = "auto"
 
   @nn.nowrap
   def _shared(self) -> Dict[str, Any]:
@@ -112,7 +113,7 @@ class VLM(nn.Module):
   @nn.nowrap
   def image_kwargs(self) -> Dict[str, Any]:
     """The ViT's kwargs: `image` over the shared ones, checked, pooling off."""
-    kwargs = {**self._shared(), **dict(self.image or {})}
+    kwargs = {**self._shared(), "norm_impl": self.norm_impl, **dict(self.image or {})}
     if kwargs.get("pool_type", "none") != "none":
       raise ValueError(f"VLM image.pool_type={kwargs['pool_type']!r}: the LM reads the "
                        "patch tokens, so the ViT must not pool (leave pool_type unset).")
