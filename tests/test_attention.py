@@ -217,6 +217,30 @@ def _family_loss_and_grads(config, params=None):
   return params, loss, grads
 
 
+def kernels_train_the_same(reference_config, kernel_config) -> str:
+  """Asserts that `kernel_config`'s family, run in Pallas' interpreter (vlpjax's kernels),
+  gives `reference_config`'s loss and gradients on one batch from the same params; returns
+  the jaxpr of its gradient, for the caller to count kernels in."""
+  from vlpjax.models import pallas_util  # pylint: disable=g-import-not-at-top
+  from tools.bench_train import synthetic_batch  # pylint: disable=g-import-not-at-top
+  params, loss, grads = _family_loss_and_grads(reference_config)
+  with pallas_util.interpret():
+    _, kernel_loss, kernel_grads = _family_loss_and_grads(kernel_config, params)
+    family = families.get_family(kernel_config)
+    batch = synthetic_batch(family.input_specs(test_flops.BATCH))
+
+    def loss_fn(p):
+      loss = family.features_loss(p, family.features(p, batch, jax.random.key(1)))
+      return loss[0] if isinstance(loss, tuple) else loss
+
+    traced = str(jax.make_jaxpr(jax.grad(loss_fn))(params))
+  np.testing.assert_allclose(kernel_loss, loss, rtol=1e-5)
+  scale = max(float(np.abs(g).max()) for g in jax.tree.leaves(grads))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * scale),
+               kernel_grads, grads)
+  return traced
+
+
 @pytest.mark.parametrize("experiment,sections", [
     ("siglip_shapes.py", {}),
     ("coca_shapes.py", {}),
