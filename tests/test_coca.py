@@ -125,6 +125,7 @@ def family_config(loss="softmax", loss_weights=None, **model_overrides):
   config = ml_collections.ConfigDict(dict(
       model={**MODEL, **model_overrides},
       loss=loss, compute_dtype="float32", remat_policy="none", attention_impl="auto",
+      norm_impl="auto",
       input=dict(image_size=16, text_length=8),
       loss_weights=loss_weights or {}))
   return config

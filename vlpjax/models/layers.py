@@ -25,7 +25,7 @@ Array = jax.Array
 LAYER_NORM_EPS = 1e-6  # SigLIP / big_vision value; HF SiglipConfig.layer_norm_eps.
 
 # Activation logical names. A name the rules do not mention is left unsharded.
-ACT_TOKENS = ("act_batch", "act_length", "act_embed")
+ACT_TOKENS = layer_norm_lib.ACT_TOKENS
 ACT_HEADS = attention.ACT_HEADS
 ACT_HEADS_FIRST = ("act_batch", "act_heads", "act_length", "act_kv")
 ACT_MLP = ("act_batch", "act_length", "act_mlp")
