@@ -26,7 +26,8 @@ class TwoTower(nn.Module):
 
   `image` / `text` are ViT / TextEncoder kwargs. `dtype`, `param_dtype`, `remat_policy`,
   `scan_layers` (run each tower's encoder blocks as one `nn.scan`), `attention_impl`
-  (`vlpjax.models.attention`) and `norm_impl` (`vlpjax.models.layer_norm`) reach both towers unless a tower's kwargs set them itself.
+  (`vlpjax.models.attention`) and `norm_impl` (`vlpjax.models.layer_norm`) reach both towers
+  unless a tower's kwargs set them itself.
   The text head outputs `embed_dim` (default: the image width); the image tower
   gets a linear projection only when its width differs from `embed_dim`
   (SigLIP has none).
