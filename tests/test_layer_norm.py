@@ -135,6 +135,14 @@ def test_pallas_needs_a_gpu_outside_the_interpreter_and_names_are_checked():
   assert layer_norm.resolve("auto") == "xla"
 
 
+def test_pallas_refuses_layer_norm_settings_it_does_not_compute():
+  x = np.ones((1, 2, 8), np.float32)
+  for fields in (dict(use_bias=False), dict(use_fast_variance=False), dict(reduction_axes=1)):
+    module = layer_norm.LayerNorm(epsilon=EPS, impl="pallas", **fields)
+    with pallas_util.interpret(), pytest.raises(ValueError, match="norm_impl='pallas' is"):
+      module.init(jax.random.key(0), x)
+
+
 @pytest.mark.parametrize("experiment,sections", [
     ("siglip_shapes.py", {}),
     ("coca_shapes.py", {}),

@@ -14,6 +14,7 @@ from tests import test_attention
 from tests import test_flops
 from vlpjax import sharding
 from vlpjax.models import attention
+from vlpjax.models import pallas_util
 from vlpjax.models import short_attention
 
 
@@ -37,7 +38,7 @@ def _qkv(seed, batch, q_len, kv_len, heads, head_dim, dtype=np.float32):
 def test_kernels_match_softmax_attention_and_its_gradient(q_len, kv_len, head_dim, scale):
   q, k, v = _qkv(0, 2, q_len, kv_len, 3, head_dim)
   d_out = np.random.default_rng(1).normal(size=q.shape).astype(np.float32)
-  with short_attention.interpret():
+  with pallas_util.interpret():
     out, vjp = jax.vjp(lambda *a: short_attention.attention(*a, logits_scale=scale), q, k, v)
     grads = vjp(d_out)
   expected = test_attention._numpy_attention(q * scale, k, v, None)
@@ -55,7 +56,7 @@ def test_queries_whose_logits_are_all_far_below_zero_stay_finite():
   q[:, :8] = -10.0
   k[:] = np.abs(k) + 1.0
   d_out = np.random.default_rng(6).normal(size=q.shape).astype(np.float32)
-  with short_attention.interpret():
+  with pallas_util.interpret():
     _, vjp = jax.vjp(short_attention.attention, q, k, v)
     grads = vjp(d_out)
   _, reference_vjp = jax.vjp(lambda *a: _plain_attention(*a, 1.0), q, k, v)
@@ -67,7 +68,7 @@ def test_queries_whose_logits_are_all_far_below_zero_stay_finite():
 def test_bf16_inputs_come_back_bf16_and_close_to_f32():
   q, k, v = _qkv(2, 2, 196, 196, 2, 64)
   low = [jnp.asarray(a, jnp.bfloat16) for a in (q, k, v)]
-  with short_attention.interpret():
+  with pallas_util.interpret():
     out = short_attention.attention(*low, logits_scale=0.125)
   assert out.dtype == jnp.bfloat16
   expected = _plain_attention(*[a.astype(jnp.float32) for a in low], 0.125)
@@ -84,7 +85,7 @@ def test_shapes_it_does_not_take_are_refused_or_routed_elsewhere():
     short_attention.attention(*_qkv(0, 1, 4, 300, 2, 64))
   # Through attend, a mask sends it to another implementation (the same numbers).
   q, k, v, mask = test_attention._inputs(heads=4, kv_heads=4, head_dim=16)
-  with short_attention.interpret():
+  with pallas_util.interpret():
     out = attention.attend(q, k, v, mask, impl="pallas", dtype=jnp.float32, heads_first=False)
   np.testing.assert_allclose(out, test_attention._numpy_attention(q, k, v, mask), rtol=1e-4,
                              atol=1e-5)
@@ -93,7 +94,7 @@ def test_shapes_it_does_not_take_are_refused_or_routed_elsewhere():
 def test_pallas_needs_a_gpu_outside_the_interpreter():
   with pytest.raises(ValueError, match="needs a GPU"):
     attention.resolve("pallas", jnp.bfloat16)
-  with short_attention.interpret():
+  with pallas_util.interpret():
     assert attention.resolve("pallas", jnp.float32) == "pallas"
 
 
@@ -106,7 +107,7 @@ def test_sharded_over_batch_and_heads_equals_unsharded():
     out = attention.attend(q, k, v, None, impl="pallas", dtype=jnp.float32, heads_first=False)
     return jnp.sum(out * d_out)
 
-  with short_attention.interpret():
+  with pallas_util.interpret():
     expected = jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v)
     mesh = sharding.make_mesh({"data": 4, "fsdp": 1, "tensor": 2})
     rules = [("act_batch", "data"), ("act_heads", "tensor")]

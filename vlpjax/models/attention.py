@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from vlpjax.models import pallas_util
 from vlpjax.models import short_attention
 from vlpjax.registry import unknown_name_message
 
@@ -81,7 +82,7 @@ def resolve(impl: str, dtype: Any, backend: Optional[str] = None) -> str:
   if impl == "auto":
     return "cudnn" if backend == "gpu" and cudnn_dtype else "einsum"
   # Pallas' interpreter runs the "pallas" kernels anywhere, in any dtype (tests on CPU).
-  if impl == "cudnn" or (impl == "pallas" and not short_attention.interpreting()):
+  if impl == "cudnn" or (impl == "pallas" and not pallas_util.interpreting()):
     if backend != "gpu":
       raise ValueError(f"attention_impl={impl!r} needs a GPU, but JAX's backend is {backend!r}; "
                        "use 'auto' (picks cuDNN on GPUs) or 'einsum'.")
@@ -137,7 +138,7 @@ def attend(q: Array, k: Array, v: Array, mask: Optional[Array], *, impl: str, dt
   groups = q.shape[head_axis] // k.shape[head_axis]
   if impl == "pallas" and not short_attention.takes(q.shape[1], k.shape[1], q.shape[-1],
                                                      q.shape[2], k.shape[2], mask is not None):
-    impl = "cudnn" if not short_attention.interpreting() else "xla"
+    impl = "cudnn" if not pallas_util.interpreting() else "xla"
   if impl == "cudnn" and not cudnn_takes(q.shape[1], k.shape[1], q.shape[-1]):
     impl = "xla"  # Same layout and numerics, without the fused kernel.
   if impl == "einsum":

@@ -85,20 +85,17 @@ class LayerNorm(nn.LayerNorm):
     return _norm(x, scale, bias, self.epsilon, dtype)
 
 
-def _normalize(x: Array, scale: Array, bias: Array, eps: float) -> Array:
+# -- "pallas": nn.LayerNorm's forward, one kernel backward ------------------------------------
+
+def _forward(x: Array, scale: Array, bias: Array, eps: float, dtype) -> Array:
   """nn.LayerNorm's arithmetic (its default settings), step for step: f32 statistics with
-  E[x^2] - E[x]^2 (clipped at 0), then (x - mean) * (rsqrt(var + eps) * scale) + bias."""
+  E[x^2] - E[x]^2 (clipped at 0), then (x - mean) * (rsqrt(var + eps) * scale) + bias; the
+  result in `dtype`."""
   x32 = x.astype(jnp.float32)
   mean = jnp.mean(x32, axis=-1, keepdims=True)
   var = jnp.maximum(0., jnp.mean(jnp.square(x32), axis=-1, keepdims=True) - jnp.square(mean))
   mul = jax.lax.rsqrt(var + eps) * scale.astype(jnp.float32)
-  return (x32 - mean) * mul + bias.astype(jnp.float32)
-
-
-# -- "pallas": nn.LayerNorm's forward, one kernel backward ------------------------------------
-
-def _forward(x, scale, bias, eps, dtype):
-  return _normalize(x, scale, bias, eps).astype(dtype)
+  return ((x32 - mean) * mul + bias.astype(jnp.float32)).astype(dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))

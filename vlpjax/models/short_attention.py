@@ -43,11 +43,6 @@ NUM_WARPS = 4
 # its kernels.
 KERNEL_MATMULS = {"short_attention_fwd": 2, "short_attention_dkdv": 4, "short_attention_dq": 3}
 
-# The interpreter switch is shared with vlpjax's other kernels; kept here for callers.
-interpret = pallas_util.interpret
-interpreting = pallas_util.interpreting
-
-
 def takes(q_len: int, kv_len: int, head_dim: int, heads: int, kv_heads: int,
           masked: bool) -> bool:
   """Whether this kernel computes the attention of these shapes."""
@@ -71,7 +66,7 @@ def _call(kernel, name: str, grid, in_specs, out_specs, out_shape):
   return pl.pallas_call(
       kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
       compiler_params=plgpu.CompilerParams(num_warps=NUM_WARPS),
-      interpret=interpreting(), name=name)
+      interpret=pallas_util.interpreting(), name=name)
 
 
 def _rows(ref, start, size: int, valid: int):
