@@ -3,13 +3,19 @@ import os
 import shutil
 import tempfile
 
-# LLVM's optimisation of the machine code XLA:CPU generates is ~40% of compiling a tiny
-# model's step, and none of what the tests check: every HLO pass (fusion, SPMD partitioning,
-# remat) runs as before, so a program differs from the fully optimised one only in its speed
-# and float round-off (1.5e-6 in the tiny SigLIP's params after 3 steps). Tests compare runs
-# compiled alike. `make test-all` sets VLPJAX_TEST_FULL_OPT=1: the level users run.
+# Compiling is most of the suite's time (XLA:CPU's backend alone: 14 of the 37 minutes the
+# in-process tests took on 2 cores), and how XLA:CPU turns HLO into machine code is none of
+# what the tests check: every HLO pass (fusion, SPMD partitioning, remat) runs as before, so a
+# program differs from the one a user's run compiles only in its speed and float round-off
+# (1.5e-6 in the tiny SigLIP's params after 3 steps). Tests compare runs compiled alike. So:
+# - no LLVM optimisation of the generated code (~40% of compiling a tiny model's step);
+# - fused loops emitted by XLA:CPU's classic emitters, not its MLIR fusion emitters, whose
+#   pipeline costs more to run than the code it makes saves here (the tiny SigLIP's step:
+#   backend compile 5.8 -> 3.8 s; the whole suite's: 13.8 -> 9.3 min, and `make test`
+#   19:09 -> 14:37-16:45 on the same 2-core host).
+# `make test-all` sets VLPJAX_TEST_FULL_OPT=1: the compiler settings users run.
 _FAST_COMPILE = "" if os.environ.get("VLPJAX_TEST_FULL_OPT") == "1" else (
-    " --xla_backend_optimization_level=0")
+    " --xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false")
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + _FAST_COMPILE +
                            " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
