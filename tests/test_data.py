@@ -231,6 +231,22 @@ def test_train_batches_shapes_and_dtypes():
   assert batch["task_index"].dtype == np.int32 and not batch["task_index"].any()
 
 
+def test_a_pinned_thread_pool_changes_where_batches_are_made_not_what_they_are():
+  pp = "random_resized_crop(16, scale=(0.3, 1.0))|flip_lr|value_range(-1, 1)"
+  default = _take(pipeline.train_batches(_config(pp=pp), global_batch_size=8, seed=3), 4)
+  pinned = _take(pipeline.train_batches(_config(pp=pp, threads=2), global_batch_size=8,
+                                        seed=3), 4)
+  for expected, got in zip(default, pinned):
+    for key in expected:
+      np.testing.assert_array_equal(got[key], expected[key])
+  # Pinned, tf.data does not autotune: in its own pool the tuning thread held up every
+  # deleted iterator for up to a minute (see pipeline.data_options).
+  options = pipeline.train_dataset(_config(threads=2), global_batch_size=8, seed=0).options()
+  assert options.threading.private_threadpool_size == 2 and not options.autotune.enabled
+  unpinned = pipeline.train_dataset(_config(), global_batch_size=8, seed=0).options()
+  assert unpinned.autotune.enabled is not False  # None: tf.data's default, on.
+
+
 def test_train_batches_resume_exactly():
   # 8 batches of 8 > 48 examples: the resumed part crosses an epoch boundary.
   config = _config(pp="random_resized_crop(16, scale=(0.3, 1.0))|flip_lr|value_range(-1, 1)")

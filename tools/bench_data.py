@@ -109,8 +109,7 @@ def _examples(task_or_mixture: str, args) -> Iterator:
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   config = ml_collections.ConfigDict(dict(split="train", shuffle_buffer=1_000))
   chain = preprocessors.parse_pp('value_range(-1, 1, key="images")')
-  options = tf.data.Options()
-  options.threading.private_threadpool_size = args.threads
+  options = pipeline.data_options(args.threads)
 
   def examples(task: str, seed: int):
     ds = pipeline.task_dataset(config, task, shuffle=True, seed=seed, num_epochs=None,

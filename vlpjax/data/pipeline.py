@@ -8,7 +8,8 @@ Data config fields (an ml_collections.ConfigDict or anything with `.get`):
   shuffle_buffer  examples in each task's shuffle buffer
   keys            optional; features to keep (default: image, texts)
   threads         optional; tf.data's own thread pool size (default: one per
-                  core), to leave cores to the training loop on small machines
+                  core), to leave cores to the training loop on small machines;
+                  parallel maps then run that wide, without autotuning
   bad_records     optional; "error" (default) or "skip" (see bad_records.py)
   use_cached      optional; read the tasks' offline (Beam) cache (see cache.py)
 
@@ -247,12 +248,23 @@ def _select(features: Dict[str, tf.Tensor], keys: Sequence[str], text_length: in
   return out
 
 
-def with_options(ds: tf.data.Dataset, data_config) -> tf.data.Dataset:
+def data_options(threads: Optional[int] = None) -> tf.data.Options:
+  """tf.data options of every pipeline here; `threads` pins tf.data to its own pool."""
   options = tf.data.Options()
   options.deterministic = True  # The default, stated: resumption relies on it.
-  if data_config.get("threads", None):
-    options.threading.private_threadpool_size = data_config.threads
-  return ds.with_options(options)
+  if threads:
+    options.threading.private_threadpool_size = threads
+    # No autotuning in a pinned pool. Its tuning thread outlives a deleted iterator by up to a
+    # minute there (TensorFlow 2.21: the wait for its next round, which grows to 60 s, is not
+    # cut short by the deletion): every pipeline that ends (an eval pass, the run, the data
+    # benchmark at exit; or a garbage collection freeing one) stalled that long. And a pool
+    # of `threads` leaves little to tune: every AUTOTUNE map then runs `threads` wide.
+    options.autotune.enabled = False
+  return options
+
+
+def with_options(ds: tf.data.Dataset, data_config) -> tf.data.Dataset:
+  return ds.with_options(data_options(data_config.get("threads", None)))
 
 
 def _train_dataset(data_config, *, global_batch_size: int, seed: int, start_position: int,
