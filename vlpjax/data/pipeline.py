@@ -254,11 +254,13 @@ def data_options(threads: Optional[int] = None) -> tf.data.Options:
   options.deterministic = True  # The default, stated: resumption relies on it.
   if threads:
     options.threading.private_threadpool_size = threads
-    # No autotuning in a pinned pool. Its tuning thread outlives a deleted iterator by up to a
-    # minute there (TensorFlow 2.21: the wait for its next round, which grows to 60 s, is not
-    # cut short by the deletion): every pipeline that ends (an eval pass, the run, the data
-    # benchmark at exit; or a garbage collection freeing one) stalled that long. And a pool
-    # of `threads` leaves little to tune: every AUTOTUNE map then runs `threads` wide.
+    # No autotuning in a pinned pool: a pool of `threads` leaves little to tune (every AUTOTUNE
+    # map then runs `threads` wide), and the tuning thread held up iterator deletion. With
+    # TensorFlow 2.21 it often outlives a deleted iterator by what is left of its wait for the
+    # next tuning round, which grows to 60 s: deleting a pinned iterator that had run a minute
+    # (an eval pass, the data benchmark's kinds, a garbage collection freeing one) took up to
+    # 55 s, the calling thread holding the GIL. tf.data's shared pool does it more rarely
+    # (one stall of 12 s in four tries); there, tuning is worth keeping.
     options.autotune.enabled = False
   return options
 
