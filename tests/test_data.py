@@ -243,6 +243,7 @@ def test_a_pinned_thread_pool_changes_where_batches_are_made_not_what_they_are()
   # deleted iterator for up to a minute (see pipeline.data_options).
   options = pipeline.train_dataset(_config(threads=2), global_batch_size=8, seed=0).options()
   assert options.threading.private_threadpool_size == 2 and not options.autotune.enabled
+  assert options.autotune.initial_parallelism == 2  # What untuned AUTOTUNE maps run at.
   unpinned = pipeline.train_dataset(_config(), global_batch_size=8, seed=0).options()
   assert unpinned.autotune.enabled is not False  # None: tf.data's default, on.
 

@@ -254,14 +254,16 @@ def data_options(threads: Optional[int] = None) -> tf.data.Options:
   options.deterministic = True  # The default, stated: resumption relies on it.
   if threads:
     options.threading.private_threadpool_size = threads
-    # No autotuning in a pinned pool: a pool of `threads` leaves little to tune (every AUTOTUNE
-    # map then runs `threads` wide), and the tuning thread held up iterator deletion. With
-    # TensorFlow 2.21 it often outlives a deleted iterator by what is left of its wait for the
-    # next tuning round, which grows to 60 s: deleting a pinned iterator that had run a minute
-    # (an eval pass, the data benchmark's kinds, a garbage collection freeing one) took up to
-    # 55 s, the calling thread holding the GIL. tf.data's shared pool does it more rarely
-    # (one stall of 12 s in four tries); there, tuning is worth keeping.
+    # No autotuning in a pinned pool. A pool of `threads` leaves little to tune: untuned,
+    # every AUTOTUNE map runs at the smaller of `initial_parallelism` and the pool, so at
+    # `threads`. And the tuning thread held up iterator deletion: with TensorFlow 2.21 it
+    # often outlives a deleted iterator by what is left of its wait for the next tuning
+    # round, which grows to 60 s. Deleting a pinned iterator that had run a minute (an eval
+    # pass, the data benchmark's kinds, a garbage collection freeing one) took up to 55 s,
+    # the calling thread holding the GIL. tf.data's shared pool does it more rarely (one
+    # stall of 12 s in four tries); there, tuning is worth keeping.
     options.autotune.enabled = False
+    options.autotune.initial_parallelism = threads
   return options
 
 
