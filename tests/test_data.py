@@ -240,7 +240,7 @@ def test_a_pinned_thread_pool_changes_where_batches_are_made_not_what_they_are()
     for key in expected:
       np.testing.assert_array_equal(got[key], expected[key])
   # Pinned, tf.data does not autotune: in its own pool the tuning thread held up deleted
-  # iterators for up to a minute (see pipeline.data_options).
+  # iterators for up to a minute (see pipeline.with_options).
   options = pipeline.train_dataset(_config(threads=2), global_batch_size=8, seed=0).options()
   assert options.threading.private_threadpool_size == 2 and not options.autotune.enabled
   assert options.autotune.initial_parallelism == 2  # What untuned AUTOTUNE maps run at.

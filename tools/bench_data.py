@@ -107,9 +107,9 @@ def _examples(task_or_mixture: str, args) -> Iterator:
   from vlpjax.data import pipeline  # pylint: disable=g-import-not-at-top
   from vlpjax.data import preprocessors  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  config = ml_collections.ConfigDict(dict(split="train", shuffle_buffer=1_000))
+  config = ml_collections.ConfigDict(dict(split="train", shuffle_buffer=1_000,
+                                          threads=args.threads))
   chain = preprocessors.parse_pp('value_range(-1, 1, key="images")')
-  options = pipeline.data_options(args.threads)
 
   def examples(task: str, seed: int):
     ds = pipeline.task_dataset(config, task, shuffle=True, seed=seed, num_epochs=None,
@@ -117,7 +117,7 @@ def _examples(task_or_mixture: str, args) -> Iterator:
                                skipped=bad_records.SkipCounter())
     ds = ds.map(lambda f: chain(f, tf.constant([seed, 0], tf.int64)),
                 num_parallel_calls=tf.data.AUTOTUNE)
-    return ds.prefetch(tf.data.AUTOTUNE).with_options(options).as_numpy_iterator()
+    return pipeline.with_options(ds.prefetch(tf.data.AUTOTUNE), config).as_numpy_iterator()
 
   stream = mixing.MixedStream(mixing.members(task_or_mixture, pipeline.get_provider),
                               examples, seed=0)

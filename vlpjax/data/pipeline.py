@@ -248,27 +248,24 @@ def _select(features: Dict[str, tf.Tensor], keys: Sequence[str], text_length: in
   return out
 
 
-def data_options(threads: Optional[int] = None) -> tf.data.Options:
-  """tf.data options of every pipeline here; `threads` pins tf.data to its own pool."""
+def with_options(ds: tf.data.Dataset, data_config) -> tf.data.Dataset:
+  """`ds` with the tf.data options of every pipeline here (`threads`: tf.data's own pool)."""
   options = tf.data.Options()
   options.deterministic = True  # The default, stated: resumption relies on it.
+  threads = data_config.get("threads", None)
   if threads:
     options.threading.private_threadpool_size = threads
     # No autotuning in a pinned pool. A pool of `threads` leaves little to tune: untuned,
     # every AUTOTUNE map runs at the smaller of `initial_parallelism` and the pool, so at
     # `threads`. And the tuning thread held up iterator deletion: with TensorFlow 2.21 it
     # often outlives a deleted iterator by what is left of its wait for the next tuning
-    # round, which grows to 60 s. Deleting a pinned iterator that had run a minute (an eval
-    # pass, the data benchmark's kinds, a garbage collection freeing one) took up to 55 s,
-    # the calling thread holding the GIL. tf.data's shared pool does it more rarely (one
-    # stall of 12 s in four tries); there, tuning is worth keeping.
+    # round, which grows to 60 s. A pinned iterator read to its end over ~85 s took 55.6,
+    # 0.0 and 52.8 s to delete, the calling thread holding the GIL (in the test workers, as
+    # garbage collections of 20-75 s). tf.data's shared pool does it more rarely (one stall
+    # of 12 s in four tries); there, tuning is worth keeping.
     options.autotune.enabled = False
     options.autotune.initial_parallelism = threads
-  return options
-
-
-def with_options(ds: tf.data.Dataset, data_config) -> tf.data.Dataset:
-  return ds.with_options(data_options(data_config.get("threads", None)))
+  return ds.with_options(options)
 
 
 def _train_dataset(data_config, *, global_batch_size: int, seed: int, start_position: int,
